@@ -1,0 +1,75 @@
+"""Apply a :class:`~autocompress.spaces.Candidate` to a teacher: the one place the order lives.
+
+Order: copy teacher -> prune (dependency graph, channels removed) -> attach weight fake-quant
+-> distillation fine-tune (trains through the quantizer) -> bake quantized weights. The result
+is an ordinary ``nn.Module``; the same candidate, teacher, data and seed give the same model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from autocompress.compress.distill import FitResult, fit
+from autocompress.compress.prune import prune
+from autocompress.compress.quantize import attach_weight_quant, bake_weights
+from autocompress.spaces.candidate import Candidate
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Experiment-wide settings of the transforms (not searched)."""
+
+    finetune_epochs: int = 2
+    finetune_lr: float = 0.01
+    batch_size: int = 64
+    round_to: int = 8
+    importance: str = "l1"
+    seed: int = 0
+
+
+@dataclass
+class Compressed:
+    """The compressed model and what happened while building it."""
+
+    model: nn.Module
+    fit: FitResult
+
+
+def apply(
+    teacher: nn.Module,
+    candidate: Candidate,
+    train_batches_factory: Callable[[], object],
+    example_input: torch.Tensor,
+    settings: PipelineSettings,
+    *,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    on_epoch: Callable[[int, float | None], None] | None = None,
+) -> Compressed:
+    """Build the compressed model for ``candidate``; the teacher is not modified.
+
+    ``train_batches_factory()`` returns the (shuffled) training batches; it is called after the
+    seed is set so the data order is reproducible. ``evaluate``/``on_epoch`` are passed to the
+    fine-tune loop (intermediate validation, early stopping).
+    """
+    torch.manual_seed(settings.seed)
+    student = copy.deepcopy(teacher).eval()
+    prune(student, candidate.prune, example_input, round_to=settings.round_to, importance=settings.importance)
+    attach_weight_quant(student, candidate.bits)
+    history = fit(
+        student,
+        train_batches_factory(),
+        epochs=settings.finetune_epochs,
+        lr=settings.finetune_lr,
+        teacher=teacher,
+        temperature=candidate.kd_temperature,
+        alpha=candidate.kd_alpha,
+        evaluate=evaluate,
+        on_epoch=on_epoch,
+    )
+    bake_weights(student)
+    return Compressed(model=student.eval(), fit=history)

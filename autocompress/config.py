@@ -1,0 +1,314 @@
+"""Experiment schema: YAML file -> validated :class:`Experiment`, with one-line errors.
+
+Every section has defaults, so a minimal experiment file is ``name:`` and ``task:``. Relative
+paths (output directory, checkpoints, storage files) resolve against the current directory,
+like the paths given to any command-line tool.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from autocompress.errors import ConfigError
+
+OBJECTIVES = ("accuracy", "latency", "size")
+
+
+class _Section(BaseModel):
+    # forbid: a misspelt key must be an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Section):
+    """Which data, model and metric: a built-in task name or ``package.module:function``."""
+
+    name: str = Field(min_length=1)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_or_importable(cls, value: str) -> str:
+        from autocompress.tasks import BUILTIN_TASKS
+
+        if value in BUILTIN_TASKS:
+            return value
+        if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+            return value
+        raise ValueError(
+            f"unknown task {value!r}: use a built-in task ({', '.join(sorted(BUILTIN_TASKS))}) "
+            "or 'package.module:function'"
+        )
+
+
+class TeacherConfig(_Section):
+    """How to get the uncompressed model: load ``checkpoint`` (a state_dict) or train it."""
+
+    checkpoint: Path | None = None
+    epochs: int = Field(default=15, ge=1, le=10_000)
+    lr: float = Field(default=0.05, gt=0, le=10)
+    batch_size: int = Field(default=64, ge=1)
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"checkpoint file {str(value)!r} does not exist")
+        return value
+
+
+class PruneSpace(_Section):
+    """Per-group structured pruning: the fraction of output channels/neurons removed."""
+
+    enabled: bool = True
+    ratios: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75], min_length=1)
+    # Kernels run fastest on channel counts that are multiples of 8 (SIMD width): keep them so.
+    round_to: int = Field(default=8, ge=1)
+    importance: Literal["l1", "l2"] = "l1"
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_in_range(cls, value: list[float]) -> list[float]:
+        for ratio in value:
+            if not 0.0 <= ratio < 1.0:
+                raise ValueError(f"pruning ratio {ratio} must be in [0, 1)")
+        return sorted(set(value))
+
+
+class QuantizeSpace(_Section):
+    """Per-layer weight bit-width; 32 means the layer stays in fp32."""
+
+    enabled: bool = True
+    bits: list[int] = Field(default_factory=lambda: [32, 8, 4], min_length=1)
+
+    @field_validator("bits")
+    @classmethod
+    def _supported_bits(cls, value: list[int]) -> list[int]:
+        for b in value:
+            if b != 32 and not 2 <= b <= 8:
+                raise ValueError(f"bit-width {b} is not supported: use 2..8, or 32 for fp32")
+        return sorted(set(value), reverse=True)
+
+
+class DistillSpace(_Section):
+    """Knowledge-distillation settings searched per trial (temperature T, KD weight alpha)."""
+
+    temperature: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0], min_length=1)
+    alpha: list[float] = Field(default_factory=lambda: [0.0, 0.5, 0.7, 0.9], min_length=1)
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        for t in value:
+            if t <= 0:
+                raise ValueError(f"temperature {t} must be > 0")
+        return sorted(set(value))
+
+    @field_validator("alpha")
+    @classmethod
+    def _unit(cls, value: list[float]) -> list[float]:
+        for a in value:
+            if not 0.0 <= a <= 1.0:
+                raise ValueError(f"alpha {a} must be in [0, 1]")
+        return sorted(set(value))
+
+
+class SpaceConfig(_Section):
+    """What the search may change, and on which layers (fnmatch globs on module names)."""
+
+    include: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    exclude: list[str] = Field(default_factory=list)
+    prune: PruneSpace = Field(default_factory=PruneSpace)
+    quantize: QuantizeSpace = Field(default_factory=QuantizeSpace)
+    distill: DistillSpace = Field(default_factory=DistillSpace)
+
+
+class FinetuneConfig(_Section):
+    """The short (distillation) fine-tune every candidate gets before it is scored."""
+
+    epochs: int = Field(default=2, ge=0, le=1000)
+    lr: float = Field(default=0.01, gt=0, le=10)
+    batch_size: int = Field(default=64, ge=1)
+
+
+class LatencyConfig(_Section):
+    """How latency is measured on this host: fixed threads, warm-up, median of repeats."""
+
+    threads: int = Field(default=1, ge=1, le=256)
+    batch_size: int = Field(default=1, ge=1)
+    warmup: int = Field(default=10, ge=0)
+    repeats: int = Field(default=50, ge=3)
+
+
+class SearchConfig(_Section):
+    """The search controller: backend, sampler, budget, and where the study is stored."""
+
+    backend: Literal["optuna"] = "optuna"
+    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
+    n_trials: int = Field(default=30, ge=1)
+    timeout: float | None = Field(default=None, gt=0, description="seconds")
+    population_size: int = Field(default=10, ge=2)
+    seed: int | None = Field(default=None, description="defaults to the experiment seed")
+    storage: str | None = Field(default=None, description="RDB URL; default sqlite in output_dir")
+    study_name: str | None = None
+
+    @field_validator("storage")
+    @classmethod
+    def _rdb_url(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError(f"storage {value!r} is not a database URL (e.g. 'sqlite:///study.db')")
+        return value
+
+
+class TrackingConfig(_Section):
+    """Where MLflow records the experiment; default a SQLite store under ``runs/``."""
+
+    uri: str | None = None
+    experiment: str | None = Field(default=None, description="MLflow experiment name; default: name")
+
+
+class Experiment(_Section):
+    """One compression experiment: everything a search needs, validated."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    seed: int = 0
+    output_dir: Path | None = None
+    task: TaskConfig
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    objectives: list[Literal["accuracy", "latency", "size"]] = Field(
+        default_factory=lambda: ["accuracy", "latency", "size"]
+    )
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, value: list[str]) -> list[str]:
+        if "accuracy" not in value:
+            raise ValueError("objectives must include 'accuracy'")
+        if len(value) < 2:
+            raise ValueError("objectives need 'accuracy' and at least one of 'latency', 'size'")
+        if len(set(value)) != len(value):
+            raise ValueError(f"objectives {value} repeat an entry")
+        return value
+
+    @model_validator(mode="after")
+    def _something_to_search(self) -> Experiment:
+        if not (self.space.prune.enabled or self.space.quantize.enabled):
+            raise ValueError("space: enable at least one of prune, quantize")
+        return self
+
+    # Derived locations: one place decides where outputs go.
+    @property
+    def out_dir(self) -> Path:
+        """Directory for this experiment's study database and artifacts."""
+        return (self.output_dir or Path("runs") / self.name).resolve()
+
+    @property
+    def storage_url(self) -> str:
+        """Optuna storage URL (SQLite in the output directory unless configured)."""
+        return self.search.storage or f"sqlite:///{self.out_dir / 'study.db'}"
+
+    @property
+    def tracking_uri(self) -> str:
+        """MLflow tracking URI (a SQLite store shared by all experiments under ``runs/``)."""
+        return self.tracking.uri or f"sqlite:///{(self.out_dir.parent / 'mlflow.db')}"
+
+    @property
+    def artifact_root(self) -> Path:
+        """Where MLflow stores artifacts for a local tracking store."""
+        return self.out_dir.parent / "mlartifacts"
+
+    @property
+    def search_seed(self) -> int:
+        return self.seed if self.search.seed is None else self.search.seed
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    kind = first["type"]
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if kind == "extra_forbidden":
+        msg = "unknown key"
+    elif kind == "missing":
+        msg = "required key is missing"
+    elif kind not in ("value_error", "assertion_error") and "input" in first:
+        shown = repr(first["input"])
+        msg = f"{msg} (got {shown[:60]})"
+    more = len(err.errors()) - 1
+    suffix = f" [+{more} more problem{'s' if more > 1 else ''}]" if more else ""
+    return f"{source}: {loc}: {msg}{suffix}"
+
+
+def parse_experiment(data: Any, source: str = "<experiment>") -> Experiment:
+    """Validate a mapping (e.g. parsed YAML) into an :class:`Experiment`.
+
+    Raises :class:`ConfigError` with one line naming the key path and the problem.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the experiment must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``data`` with dotted keys set (``{"search.n_trials": 5}``)."""
+    result = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        node = result
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted}: {key!r} is not a section")
+            node = child
+        node[leaf] = value
+    return result
+
+
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
+    """Read and validate an experiment YAML file; ``overrides`` are dotted keys applied first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such experiment file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty")
+    if overrides:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the experiment must be a mapping of keys")
+        data = apply_overrides(data, overrides)
+    return parse_experiment(data, source=str(path))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.path=value`` (value read as YAML, so ``5``, ``true``, ``[1, 2]`` work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. search.n_trials=5")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML") from None
+    return key.strip(), value

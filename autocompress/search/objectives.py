@@ -1,0 +1,95 @@
+"""Score a candidate: build it, measure accuracy, latency and size, and turn them into objectives.
+
+This is the objective function shared by every search backend; it receives plain values (a
+candidate and a :class:`TrialContext`) and knows nothing about the search that called it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from autocompress.compress.pipeline import PipelineSettings, apply
+from autocompress.config import LatencyConfig
+from autocompress.evaluators import count_parameters, evaluate, measure_latency, model_size_bytes
+from autocompress.spaces.candidate import Candidate
+from autocompress.tasks import Task
+
+HOST = "host"  # the latency profile "measured on this machine"
+
+DIRECTIONS = {"accuracy": "maximize", "latency": "minimize", "size": "minimize"}
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What scoring a candidate needs besides the candidate itself."""
+
+    teacher: nn.Module
+    task: Task
+    pipeline: PipelineSettings
+    latency: LatencyConfig
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Measured figures of one model. ``latency_ms`` is per profile (``"host"`` = measured here)."""
+
+    accuracy: float
+    latency_ms: dict[str, float]
+    latency_p90_ms: dict[str, float]
+    size_bytes: int
+    params: int
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat metric names as logged to MLflow (``latency_ms.host`` ...)."""
+        flat = {"accuracy": self.accuracy, "size_bytes": float(self.size_bytes), "params": float(self.params)}
+        flat.update({f"latency_ms.{k}": v for k, v in self.latency_ms.items()})
+        flat.update({f"latency_p90_ms.{k}": v for k, v in self.latency_p90_ms.items()})
+        return flat
+
+
+def measure(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> Metrics:
+    """Accuracy on the validation split, host latency, size and parameter count of ``model``."""
+    accuracy = evaluate(model, ctx.task.loader("val", 256), ctx.task.metric)
+    example = ctx.task.example_input(ctx.latency.batch_size)
+    latency = measure_latency(
+        model, example, threads=ctx.latency.threads, warmup=ctx.latency.warmup, repeats=ctx.latency.repeats
+    )
+    return Metrics(
+        accuracy=accuracy,
+        latency_ms={HOST: latency.median_ms},
+        latency_p90_ms={HOST: latency.p90_ms},
+        size_bytes=model_size_bytes(model, bits),
+        params=count_parameters(model),
+    )
+
+
+def score_candidate(
+    candidate: Candidate,
+    ctx: TrialContext,
+    on_epoch: Callable[[int, float | None], None] | None = None,
+) -> tuple[nn.Module, Metrics]:
+    """Build ``candidate`` from the teacher (pruning, fine-tune, quantization) and measure it."""
+    val = ctx.task.loader("val", 256)
+    compressed = apply(
+        ctx.teacher,
+        candidate,
+        lambda: ctx.task.loader("train", ctx.pipeline.batch_size, shuffle=True),
+        ctx.task.example_input(1),
+        ctx.pipeline,
+        evaluate=lambda m: evaluate(m, val, ctx.task.metric),
+        on_epoch=on_epoch,
+    )
+    return compressed.model, measure(compressed.model, candidate.bits, ctx)
+
+
+def objective_values(metrics: Metrics, objectives: list[str], profile: str = HOST) -> list[float]:
+    """The study's objective vector, in the experiment's order (directions in ``DIRECTIONS``)."""
+    table = {"accuracy": metrics.accuracy, "latency": metrics.latency_ms[profile], "size": float(metrics.size_bytes)}
+    values = [table[name] for name in objectives]
+    if not all(torch.isfinite(torch.tensor(values))):
+        raise ValueError(f"non-finite objective values {values}")
+    return values

@@ -1,0 +1,138 @@
+"""Pareto fronts as rows: a printed table, a CSV and a plot (accuracy vs latency)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autocompress.search.pareto import non_dominated
+from autocompress.spaces.candidate import Candidate
+
+COLUMNS = {"accuracy": "accuracy", "latency": "latency_ms", "size": "size_bytes"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One finished trial's figures for one latency profile, compared with the teacher."""
+
+    trial: int
+    accuracy: float
+    latency_ms: float
+    size_bytes: float
+    params: float
+    accuracy_delta: float  # points (percent) against the teacher
+    speedup: float  # teacher latency / latency
+    compression: float  # teacher size / size
+    summary: str
+    candidate: dict[str, Any]
+
+
+def make_rows(trials: Sequence[Any], teacher: dict[str, float], profile: str) -> list[Row]:
+    """Rows from completed Optuna trials whose metrics are stored in ``user_attrs``."""
+    rows = []
+    t_lat = teacher[f"latency_ms.{profile}"]
+    for t in trials:
+        m = t.user_attrs.get("metrics")
+        if not m or f"latency_ms.{profile}" not in m:
+            continue
+        lat = m[f"latency_ms.{profile}"]
+        rows.append(
+            Row(
+                trial=t.number,
+                accuracy=m["accuracy"],
+                latency_ms=lat,
+                size_bytes=m["size_bytes"],
+                params=m["params"],
+                accuracy_delta=100.0 * (m["accuracy"] - teacher["accuracy"]),
+                speedup=t_lat / lat if lat > 0 else float("nan"),
+                compression=teacher["size_bytes"] / m["size_bytes"] if m["size_bytes"] else float("nan"),
+                summary=Candidate.from_params(t.params).describe(),
+                candidate=dict(t.params),
+            )
+        )
+    return rows
+
+
+def pareto_rows(rows: list[Row], objectives: Sequence[str]) -> list[Row]:
+    """The non-dominated rows over ``objectives``, fastest first."""
+    if not rows:
+        return []
+    points = np.array([[getattr(r, COLUMNS[o]) for o in objectives] for r in rows])
+    mask = non_dominated(points, [o == "accuracy" for o in objectives])
+    return sorted((r for r, keep in zip(rows, mask, strict=True) if keep), key=lambda r: r.latency_ms)
+
+
+def format_table(rows: list[Row], teacher: dict[str, float], profile: str) -> str:
+    """A fixed-width table of front rows with the teacher as the first line."""
+    header = (
+        f"{'trial':>6} {'accuracy':>9} {'Δacc pt':>8} {'latency ms':>11} {'speedup':>8} "
+        f"{'size kB':>9} {'x smaller':>9}  candidate"
+    )
+    lines = [header, "-" * len(header)]
+    lines.append(
+        f"{'teacher':>6} {teacher['accuracy']:9.4f} {0.0:8.2f} {teacher[f'latency_ms.{profile}']:11.3f} "
+        f"{1.0:7.2f}x {teacher['size_bytes'] / 1e3:9.1f} {1.0:8.1f}x  uncompressed"
+    )
+    for r in rows:
+        lines.append(
+            f"{r.trial:>6} {r.accuracy:9.4f} {r.accuracy_delta:8.2f} {r.latency_ms:11.3f} {r.speedup:7.2f}x "
+            f"{r.size_bytes / 1e3:9.1f} {r.compression:8.1f}x  {r.summary}"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    """One line per front member: figures first, then every candidate parameter."""
+    keys = sorted({k for r in rows for k in r.candidate})
+    fixed = [
+        "trial",
+        "accuracy",
+        "accuracy_delta",
+        "latency_ms",
+        "speedup",
+        "size_bytes",
+        "compression",
+        "params",
+        "summary",
+    ]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(fixed + keys)
+        for r in rows:
+            writer.writerow([getattr(r, f) for f in fixed] + [r.candidate.get(k, "") for k in keys])
+
+
+def plot_front(all_rows: list[Row], front: list[Row], teacher: dict[str, float], profile: str, path: Path) -> None:
+    """Accuracy vs latency: every trial, the front as a step line, the teacher as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    ax.scatter([r.latency_ms for r in all_rows], [100 * r.accuracy for r in all_rows], s=18, c="0.7", label="trials")
+    if front:
+        ax.plot(
+            [r.latency_ms for r in front],
+            [100 * r.accuracy for r in front],
+            "o-",
+            c="tab:red",
+            ms=5,
+            label="Pareto front",
+        )
+    ax.scatter(
+        [teacher[f"latency_ms.{profile}"]], [100 * teacher["accuracy"]], marker="*", s=160, c="k", label="teacher"
+    )
+    ax.set_xlabel(f"latency on {profile} (ms, batch median)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"accuracy vs latency — profile {profile}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

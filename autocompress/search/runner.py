@@ -1,0 +1,395 @@
+"""Run an experiment's search on Optuna: open or resume the study, score trials, report fronts.
+
+Each trial is scored by :func:`~autocompress.search.objectives.score_candidate`; a trial that
+raises (divergence, out of memory, an unsupported layer) is recorded as failed with its reason
+and the search goes on. The study lives in an RDB (SQLite by default), so finished trials
+survive a crash; ``resume`` continues the latest study of the experiment to ``n_trials``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from autocompress.compress.pipeline import PipelineSettings
+from autocompress.config import Experiment
+from autocompress.errors import AutocompressError
+from autocompress.search.objectives import (
+    DIRECTIONS,
+    HOST,
+    TrialContext,
+    measure,
+    objective_values,
+    score_candidate,
+)
+from autocompress.search.report import Row, format_table, make_rows, pareto_rows, plot_front, write_csv
+from autocompress.search.samplers import make_sampler
+from autocompress.search.tracking import Tracker, flatten
+from autocompress.spaces import SearchSpace, build_space
+from autocompress.tasks import load_task
+from autocompress.teacher import get_teacher
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+INTERRUPTED = "interrupted"
+
+
+class SearchInterrupted(AutocompressError):
+    """The user stopped the search (Ctrl-C); finished trials are kept."""
+
+
+@dataclass
+class SearchResult:
+    """What a search produced: where it is stored and the front per profile."""
+
+    study_name: str
+    storage: str
+    parent_run_id: str
+    teacher: dict[str, float]
+    fronts: dict[str, list[Row]]
+    finished: int
+    failed: int
+    out_dir: Path
+    artifacts: list[Path] = field(default_factory=list)
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def counted(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial counts toward ``n_trials``: complete, or failed for a reason of its own."""
+    if trial.state == TrialState.COMPLETE:
+        return True
+    return trial.state == TrialState.FAIL and not trial.user_attrs.get(INTERRUPTED)
+
+
+def fingerprint(exp: Experiment, space: SearchSpace) -> str:
+    """Hash of everything that makes trials comparable; a resumed study must match it."""
+    payload = {
+        "task": exp.task.model_dump(mode="json"),
+        "teacher": exp.teacher.model_dump(mode="json"),
+        "seed": exp.seed,
+        "space": space.summary(),
+        "finetune": exp.finetune.model_dump(mode="json"),
+        "latency": exp.latency.model_dump(mode="json"),
+        "objectives": exp.objectives,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _latest_study(storage: optuna.storages.BaseStorage, experiment: str) -> str | None:
+    names = [
+        s.study_name
+        for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        if s.user_attrs.get("experiment") == experiment
+    ]
+    return max(names) if names else None  # names end in a sortable timestamp
+
+
+def open_study(exp: Experiment, space: SearchSpace, resume: bool | str) -> tuple[optuna.Study, bool]:
+    """Create a new study, or load the one to resume; returns ``(study, resumed)``."""
+    exp.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        storage = optuna.storages.RDBStorage(exp.storage_url)
+    except Exception as err:  # noqa: BLE001 - bad URL, missing driver, unreachable server
+        raise AutocompressError(f"search.storage {exp.storage_url!r}: cannot open ({err})") from None
+    fp = fingerprint(exp, space)
+    if resume:
+        name = resume if isinstance(resume, str) else (exp.search.study_name or _latest_study(storage, exp.name))
+        if name is None:
+            raise AutocompressError(f"--resume: no study of experiment {exp.name!r} in {exp.storage_url}")
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            raise AutocompressError(f"--resume: no study named {name!r} in {exp.storage_url}") from None
+        if study.user_attrs.get("fingerprint") != fp:
+            raise AutocompressError(
+                f"--resume: the experiment changed since study {name!r} was created (task, space, fine-tune, "
+                "latency or objectives differ); start a new search without --resume"
+            )
+        study.sampler = make_sampler(exp.search, exp.search_seed + len(study.trials))
+        return study, True
+    name = exp.search.study_name or f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            sampler=make_sampler(exp.search, exp.search_seed),
+            study_name=name,
+            directions=[DIRECTIONS[o] for o in exp.objectives],
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        raise AutocompressError(
+            f"study {name!r} already exists in {exp.storage_url}: pass --resume to continue it, "
+            "or set another search.study_name"
+        ) from None
+    study.set_user_attr("experiment", exp.name)
+    study.set_user_attr("fingerprint", fp)
+    return study, False
+
+
+def recover_interrupted(study: optuna.Study, tracker: Tracker, log: Callable[[str], None]) -> int:
+    """Fail and re-queue trials left RUNNING by a worker on this host that no longer exists.
+
+    The re-queued copy carries the same parameters, so the work is redone once and never
+    counted twice (the interrupted trial is flagged and excluded from ``n_trials``).
+    """
+    host = socket.gethostname()
+    recovered = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker", "")
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            tracker.log(run_id, tags={"state": "FAIL", "fail_reason": "interrupted: worker process died"})
+            tracker.end_run(run_id, "KILLED")
+        recovered += 1
+    if recovered:
+        log(f"resume: {recovered} interrupted trial(s) re-queued with their parameters")
+    return recovered
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class _Progress:
+    """One line per finished trial: figures, front size, elapsed time and ETA."""
+
+    def __init__(self, total: int, done: int, teacher: dict[str, float], log: Callable[[str], None]) -> None:
+        self.total, self.done, self.teacher, self.log = total, done, teacher, log
+        self.start = time.monotonic()
+        self.session_trials = 0
+
+    def trial(self, number: int, metrics: dict[str, float] | None, front_size: int, reason: str = "") -> None:
+        self.done += 1
+        self.session_trials += 1
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / self.session_trials * max(0, self.total - self.done)
+        head = f"[{self.done:>{len(str(self.total))}}/{self.total}] trial {number:<4}"
+        if metrics is None:
+            body = f"FAILED  {reason[:90]}"
+        else:
+            t = self.teacher
+            lat = metrics[f"latency_ms.{HOST}"]
+            body = (
+                f"acc {metrics['accuracy']:.4f} ({100 * (metrics['accuracy'] - t['accuracy']):+.2f} pt)  "
+                f"latency {lat:.3f} ms ({t[f'latency_ms.{HOST}'] / lat:.2f}x)  "
+                f"size {metrics['size_bytes'] / 1e3:.1f} kB"
+            )
+        self.log(f"{head} {body} | front {front_size} | {_duration(elapsed)} elapsed, ETA {_duration(eta)}")
+
+
+def run_search(
+    exp: Experiment,
+    *,
+    resume: bool | str = False,
+    retrain: bool = False,
+    log: Callable[[str], None] = print,
+) -> SearchResult:
+    """Run (or resume) the search of ``exp`` until ``n_trials`` trials are finished or time runs out."""
+    out_dir = exp.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    task = load_task(exp.task.name, exp.task.args)
+    log(f"task {task.name}: {len(task.train)} train / {len(task.val)} val / {len(task.test)} test samples")
+    teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, retrain=retrain, log=log)
+    space = build_space(teacher.model, task.example_input(1), exp.space)
+    log(f"space: {len(space.prune)} prune groups, {len(space.bits)} quantizable layers, {space.size():.3g} candidates")
+    ctx = TrialContext(
+        teacher=teacher.model,
+        task=task,
+        pipeline=PipelineSettings(
+            finetune_epochs=exp.finetune.epochs,
+            finetune_lr=exp.finetune.lr,
+            batch_size=exp.finetune.batch_size,
+            round_to=space.round_to,
+            importance=space.importance,
+            seed=exp.seed,
+        ),
+        latency=exp.latency,
+    )
+    teacher_metrics = measure(teacher.model, {}, ctx).as_dict()
+    log(
+        f"teacher: val accuracy {teacher_metrics['accuracy']:.4f}, "
+        f"latency {teacher_metrics['latency_ms.host']:.3f} ms "
+        f"(batch {exp.latency.batch_size}, {exp.latency.threads} thread(s)), "
+        f"size {teacher_metrics['size_bytes'] / 1e3:.1f} kB"
+    )
+
+    study, resumed = open_study(exp, space, resume)
+    tracker = Tracker(exp.tracking_uri, exp.tracking.experiment or exp.name, exp.artifact_root)
+    parent_id = study.user_attrs.get("mlflow_parent_run_id")
+    if parent_id is None:
+        parent_id = tracker.start_run(study.study_name, tags={"autocompress.study": study.study_name})
+        study.set_user_attr("mlflow_parent_run_id", parent_id)
+        config = exp.model_dump(mode="json")
+        tracker.log(parent_id, params=flatten(config))
+        (out_dir / "experiment.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (out_dir / "space.json").write_text(json.dumps(space.summary(), indent=2))
+        tracker.log_artifact(parent_id, out_dir / "experiment.yaml")
+        tracker.log_artifact(parent_id, out_dir / "space.json")
+    else:
+        tracker.client.update_run(parent_id, status="RUNNING")
+        recover_interrupted(study, tracker, log)
+    tracker.log(
+        parent_id,
+        metrics={f"teacher.{k}": v for k, v in teacher_metrics.items()},
+        tags={"teacher.source": teacher.source, "teacher.path": str(teacher.path)},
+    )
+    log(
+        f"study {study.study_name!r} in {exp.storage_url}{' (resumed)' if resumed else ''}; "
+        f"MLflow run {parent_id} at {exp.tracking_uri}"
+    )
+
+    done = sum(counted(t) for t in study.get_trials(deepcopy=False))
+    progress = _Progress(exp.search.n_trials, done, teacher_metrics, log)
+    started = time.monotonic()
+    worker = _worker_id()
+    front_size = len(_fronts(study, exp, teacher_metrics)[HOST])
+    status = "FINISHED"
+    try:
+        while done < exp.search.n_trials:
+            if exp.search.timeout is not None and time.monotonic() - started > exp.search.timeout:
+                log(f"timeout of {exp.search.timeout:g}s reached after {done} finished trials")
+                break
+            front_size = _run_trial(
+                study, space, ctx, exp, tracker, parent_id, worker, progress, teacher_metrics, front_size
+            )
+            done = sum(counted(t) for t in study.get_trials(deepcopy=False))
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise SearchInterrupted(
+            f"interrupted: {done} finished trial(s) kept in study {study.study_name!r}; "
+            "continue with the same command plus --resume"
+        ) from None
+    finally:
+        result = _finish(study, exp, tracker, parent_id, teacher_metrics, status, log)
+    return result
+
+
+def _run_trial(study, space, ctx, exp, tracker, parent_id, worker, progress, teacher_metrics, front_size) -> int:
+    trial = study.ask()
+    trial.set_user_attr("worker", worker)
+    candidate = space.suggest(trial)
+    run_id = tracker.start_run(f"trial-{trial.number}", parent_id, tags={"trial": trial.number, "state": "RUNNING"})
+    trial.set_user_attr("mlflow_run_id", run_id)
+    tracker.log(run_id, params=candidate.to_params())
+
+    def on_epoch(epoch: int, metric: float | None) -> None:
+        if metric is not None:
+            tracker.log(run_id, metrics={"val_accuracy": metric}, step=epoch)
+
+    started = time.monotonic()
+    try:
+        _, metrics = score_candidate(candidate, ctx, on_epoch=on_epoch)
+        values = objective_values(metrics, exp.objectives)
+    except KeyboardInterrupt:
+        trial.set_user_attr(INTERRUPTED, True)
+        study.tell(trial, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        tracker.log(run_id, tags={"state": "FAIL", "fail_reason": "interrupted by the user"})
+        tracker.end_run(run_id, "KILLED")
+        raise
+    except Exception as err:  # noqa: BLE001 - failures are data: record the reason, go on
+        reason = f"{type(err).__name__}: {err}".strip()
+        trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
+        tracker.log(
+            run_id,
+            metrics={"duration_s": time.monotonic() - started},
+            tags={"state": "FAIL", "fail_reason": reason[:5000]},
+        )
+        tracker.end_run(run_id, "FAILED")
+        progress.trial(trial.number, None, front_size, reason)
+        return front_size
+    flat = metrics.as_dict()
+    trial.set_user_attr("metrics", flat)
+    study.tell(trial, values)
+    speedups = {f"speedup.{p}": teacher_metrics[f"latency_ms.{p}"] / v for p, v in metrics.latency_ms.items()}
+    tracker.log(
+        run_id, metrics={**flat, **speedups, "duration_s": time.monotonic() - started}, tags={"state": "COMPLETE"}
+    )
+    tracker.end_run(run_id, "FINISHED")
+    front_size = len(_fronts(study, exp, teacher_metrics)[HOST])
+    progress.trial(trial.number, flat, front_size)
+    return front_size
+
+
+def _fronts(study: optuna.Study, exp: Experiment, teacher: dict[str, float]) -> dict[str, list[Row]]:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return {HOST: pareto_rows(make_rows(complete, teacher, HOST), exp.objectives)}
+
+
+def _finish(study, exp, tracker, parent_id, teacher, status, log) -> SearchResult:
+    """Compute and publish the fronts (also after a timeout or an interrupt: nothing is lost)."""
+    out_dir = exp.out_dir / study.study_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(counted(t) for t in trials)
+    failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED) for t in trials)
+    fronts = _fronts(study, exp, teacher)
+    artifacts: list[Path] = []
+    for profile, front in fronts.items():
+        rows = make_rows(complete, teacher, profile)
+        csv_path, png_path = out_dir / f"front_{profile}.csv", out_dir / f"front_{profile}.png"
+        write_csv(front, csv_path)
+        plot_front(rows, front, teacher, profile, png_path)
+        artifacts += [csv_path, png_path]
+        for path in (csv_path, png_path):
+            tracker.log_artifact(parent_id, path, "fronts")
+        members = {r.trial for r in front}
+        for t in complete:
+            run_id = t.user_attrs.get("mlflow_run_id")
+            if run_id:
+                tracker.log(run_id, tags={f"front.{profile}": t.number in members})
+        tracker.log(parent_id, metrics={f"front_size.{profile}": len(front)})
+        log(
+            f"\nPareto front on profile '{profile}' ({len(front)} of {len(complete)} complete trials; "
+            f"objectives: {', '.join(exp.objectives)}):"
+        )
+        log(format_table(front, teacher, profile))
+    tracker.log(parent_id, metrics={"trials.finished": finished, "trials.failed": failed})
+    tracker.end_run(parent_id, status)
+    log(f"\n{finished} finished trial(s) ({failed} failed). Fronts: {out_dir}")
+    return SearchResult(
+        study_name=study.study_name,
+        storage=exp.storage_url,
+        parent_run_id=parent_id,
+        teacher=teacher,
+        fronts=fronts,
+        finished=finished,
+        failed=failed,
+        out_dir=out_dir,
+        artifacts=artifacts,
+    )

@@ -1,0 +1,16 @@
+"""Optuna samplers by name: NSGA-II (default), multivariate TPE, random (the baseline)."""
+
+from __future__ import annotations
+
+import optuna
+
+from autocompress.config import SearchConfig
+
+
+def make_sampler(config: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
+    """The sampler named by ``config.sampler``, seeded for reproducibility."""
+    if config.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=config.population_size, seed=seed)
+    if config.sampler == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, n_startup_trials=config.population_size, seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
