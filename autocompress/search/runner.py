@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from autocompress.compress.pipeline import PipelineSettings
 from autocompress.config import Experiment
 from autocompress.errors import AutocompressError
+from autocompress.hw_profiles import describe_host
 from autocompress.search.objectives import (
     DIRECTIONS,
     HOST,
@@ -261,10 +262,11 @@ def run_search(
     else:
         tracker.client.update_run(parent_id, status="RUNNING")
         recover_interrupted(study, tracker, log)
+    host_tags = {f"profile.{HOST}.{k}": v for k, v in describe_host(exp.latency.threads).items()}
     tracker.log(
         parent_id,
         metrics={f"teacher.{k}": v for k, v in teacher_metrics.items()},
-        tags={"teacher.source": teacher.source, "teacher.path": str(teacher.path)},
+        tags={"teacher.source": teacher.source, "teacher.path": str(teacher.path), **host_tags},
     )
     log(
         f"study {study.study_name!r} in {exp.storage_url}{' (resumed)' if resumed else ''}; "

@@ -1,0 +1,40 @@
+"""Shared fixtures: an isolated cache, and a tiny but real experiment for end-to-end tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Teachers are cached per test session, never in the user's ~/.cache (session scope, so
+    module-scoped fixtures that run searches see it too)."""
+    cache = tmp_path_factory.getbasetemp() / "autocompress-cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AUTOCOMPRESS_CACHE", str(cache))
+        yield cache
+
+
+def tiny_experiment_dict(out_dir: Path, **search) -> dict:
+    """A real digits search small enough for a unit-test budget (narrow CNN, short training)."""
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "output_dir": str(out_dir),
+        "task": {"name": "digits", "args": {"width": 8, "hidden": 16, "image_size": 16}},
+        "teacher": {"epochs": 4, "lr": 0.05},
+        "space": {
+            "prune": {"ratios": [0.0, 0.5, 0.75]},
+            "quantize": {"bits": [32, 8]},
+            "distill": {"temperature": [2.0], "alpha": [0.5]},
+        },
+        "finetune": {"epochs": 1},
+        "latency": {"repeats": 5, "warmup": 2},
+        "objectives": ["accuracy", "latency", "size"],
+        "search": {"n_trials": 4, "population_size": 2, **search},
+        "tracking": {"uri": f"sqlite:///{out_dir / 'mlflow.db'}"},
+    }

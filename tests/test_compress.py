@@ -1,0 +1,144 @@
+"""The issue-2 transforms: structured pruning, weight fake-quant, KD loss, the pipeline."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autocompress.compress.distill import TrainingDiverged, fit, kd_loss
+from autocompress.compress.pipeline import PipelineSettings, apply
+from autocompress.compress.prune import find_prune_groups, kept_channels, prune, useful_ratios
+from autocompress.compress.quantize import attach_weight_quant, bake_weights
+from autocompress.evaluators import count_parameters, model_size_bytes
+from autocompress.spaces import Candidate
+from autocompress.tasks import load_task
+from autocompress.tasks.digits import DigitsCNN
+from autocompress.tasks.mnist1d import MNIST1DCNN
+
+
+def _conv_weights(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k.endswith("weight") and v.dim() > 1}
+
+
+def _digits_params(w: list[int], hidden: int, classes: int = 10) -> int:
+    """Independent parameter count of DigitsCNN with per-conv widths w (5 entries)."""
+    convs = [(1, w[0]), (w[0], w[1]), (w[1], w[2]), (w[2], w[3]), (w[3], w[4])]
+    total = sum(9 * i * o + 2 * o for i, o in convs)  # conv (no bias) + BN affine
+    return total + w[4] * hidden + hidden + hidden * classes + classes
+
+
+def test_pruning_physically_removes_channels_with_round_to_8():
+    model = DigitsCNN(width=32).eval()
+    x = torch.randn(1, 1, 32, 32)
+    groups = {g.name: g for g in find_prune_groups(model, x)}
+    assert "fc2" not in groups  # the output layer is never pruned
+    assert set(groups) == {f"features.conv{i}.conv" for i in range(1, 6)} | {"fc1"}
+    ratios = {"features.conv1.conv": 0.5, "features.conv4.conv": 0.3, "fc1": 0.75}
+    pruned = prune(copy.deepcopy(model), ratios, x, round_to=8)
+    shapes = _conv_weights(pruned)
+    assert shapes["features.conv1.conv.weight"] == (16, 1, 3, 3)
+    assert shapes["features.conv2.conv.weight"] == (64, 16, 3, 3)  # next layer's inputs follow
+    assert shapes["features.conv4.conv.weight"][0] == 88  # int(128 * 0.7) = 89 -> 88
+    assert shapes["features.conv5.conv.weight"][1] == 88
+    assert shapes["fc1.weight"] == (16, 128) and shapes["fc2.weight"] == (10, 16)
+    assert pruned.features.conv1.bn.num_features == 16
+    assert count_parameters(pruned) == _digits_params([16, 64, 64, 88, 128], 16)
+    assert count_parameters(model) == _digits_params([32, 64, 64, 128, 128], 64)
+    assert pruned(x).shape == (1, 10)
+
+
+def test_pruning_through_flatten_into_linear():
+    model = MNIST1DCNN(width=32, hidden=64).eval()
+    x = torch.randn(1, 1, 40)
+    pruned = prune(copy.deepcopy(model), {"features.conv3": 0.5}, x)
+    assert pruned.features.conv3.out_channels == 32
+    assert pruned.fc1.in_features == 32 * 10  # 10 positions per channel after two stride-2 convs
+    assert pruned(torch.randn(4, 1, 40)).shape == (4, 10)
+
+
+def test_ratio_zero_and_fp32_leave_the_function_unchanged():
+    model = DigitsCNN(width=8).eval()
+    x = torch.randn(4, 1, 32, 32)
+    same = prune(copy.deepcopy(model), {g.name: 0.0 for g in find_prune_groups(model, x[:1])}, x[:1])
+    attach_weight_quant(same, {"fc1": 32, "features.conv2.conv": 32})
+    torch.testing.assert_close(same(x), model(x))
+
+
+def test_useless_ratios_are_not_offered():
+    assert kept_channels(32, 0.75, 8) == 8
+    assert kept_channels(12, 0.5, 8) == 0  # would delete the layer
+    assert useful_ratios(12, [0.0, 0.25, 0.5, 0.75], 8) == [0.0, 0.25]  # 12 -> 8 once, never 0
+    assert useful_ratios(64, [0.0, 0.1, 0.125, 0.5], 8) == [0.0, 0.1, 0.5]  # 0.125 repeats 56
+    with pytest.raises(ValueError, match="every channel"):
+        prune(DigitsCNN(width=2).eval(), {"features.conv1.conv": 0.5}, torch.randn(1, 1, 32, 32))
+    with pytest.raises(KeyError, match="no prunable group named nope"):
+        prune(DigitsCNN(width=8).eval(), {"nope": 0.5}, torch.randn(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize("bits,max_levels", [(8, 255), (4, 15), (2, 3)])
+def test_weight_fake_quant_rounds_to_the_bit_grid(bits, max_levels):
+    model = DigitsCNN(width=8).eval()
+    attach_weight_quant(model, {"features.conv2.conv": bits})
+    bake_weights(model)
+    w = model.features.conv2.conv.weight.detach()
+    for channel in w:
+        assert len(torch.unique(channel)) <= max_levels
+        scale = channel.abs().max() / (2 ** (bits - 1) - 1)
+        assert torch.allclose(channel / scale, torch.round(channel / scale), atol=1e-3)
+
+
+def test_size_counts_bits_and_scales():
+    model = DigitsCNN(width=8).eval()
+    fp32 = model_size_bytes(model)
+    params = count_parameters(model)
+    buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    assert fp32 == 4 * (params + buffers)
+    w = model.fc1.weight
+    int4 = model_size_bytes(model, {"fc1": 4})
+    assert fp32 - int4 == 4 * w.numel() - (w.numel() // 2 + 4 * w.shape[0])
+
+
+def test_kd_loss_reduces_to_cross_entropy_and_scales_with_t_squared():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    assert torch.allclose(kd_loss(s, t, y, 4.0, 0.0), F.cross_entropy(s, y))
+    soft = F.kl_div(F.log_softmax(s / 4, 1), F.softmax(t / 4, 1), reduction="batchmean") * 16
+    assert torch.allclose(kd_loss(s, t, y, 4.0, 1.0), soft, atol=1e-6)
+    assert kd_loss(t, t, y, 2.0, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fit_stops_on_nan_with_a_reason():
+    model = DigitsCNN(width=4)
+    batches = [(torch.full((4, 1, 32, 32), float("nan")), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(TrainingDiverged, match="epoch 1, step 1"):
+        fit(model, batches, epochs=1, lr=0.1)
+
+
+def test_pipeline_is_deterministic_and_does_not_touch_the_teacher():
+    task = load_task("digits", {"width": 8, "hidden": 16, "image_size": 16})
+    teacher = task.build_model().eval()
+    before = copy.deepcopy(teacher.state_dict())
+    x = task.example_input(1)
+    groups = find_prune_groups(teacher, x)
+    candidate = Candidate(
+        prune={g.name: max(useful_ratios(g.channels, [0.0, 0.5], 8)) for g in groups},
+        bits={"fc1": 8},
+        kd_temperature=2.0,
+        kd_alpha=0.5,
+    )
+    settings = PipelineSettings(finetune_epochs=1, seed=5)
+
+    def loader():
+        return task.loader("train", 64, shuffle=True)
+
+    a = apply(teacher, candidate, loader, x, settings).model
+    b = apply(teacher, candidate, loader, x, settings).model
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert count_parameters(a) < count_parameters(teacher)
+    assert a(task.example_input(2)).shape == (2, 10)

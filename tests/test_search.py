@@ -1,0 +1,224 @@
+"""End-to-end searches on real (tiny) data: fronts, MLflow records, failures, crash and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from autocompress.config import parse_experiment
+from autocompress.errors import AutocompressError
+from autocompress.search import objectives as objectives_module
+from autocompress.search import run_search
+from autocompress.search.runner import INTERRUPTED, counted
+from autocompress.spaces import Candidate
+from tests.conftest import ROOT, tiny_experiment_dict
+
+
+def _dominates(a, b):
+    """a, b = (accuracy, latency, size): accuracy up, the rest down."""
+    ge = a[0] >= b[0] and a[1] <= b[1] and a[2] <= b[2]
+    return ge and (a[0] > b[0] or a[1] < b[1] or a[2] < b[2])
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search")
+    exp = parse_experiment(tiny_experiment_dict(out / "tiny"))
+    logs: list[str] = []
+    result = run_search(exp, log=logs.append)
+    return exp, result, logs
+
+
+def test_search_finishes_all_trials_and_reports_a_non_dominated_front(finished_search):
+    exp, result, logs = finished_search
+    assert result.finished == exp.search.n_trials and result.failed == 0
+    study = optuna.load_study(study_name=result.study_name, storage=exp.storage_url)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == exp.search.n_trials
+    points = {t.number: (t.values[0], t.values[1], t.values[2]) for t in complete}
+    front = result.fronts["host"]
+    assert front
+    for row in front:
+        assert not any(_dominates(p, points[row.trial]) for n, p in points.items() if n != row.trial)
+    # every trial that is not on the front is dominated by some trial
+    members = {r.trial for r in front}
+    for n, p in points.items():
+        if n not in members:
+            assert any(_dominates(q, p) for m, q in points.items() if m != n)
+    # one progress line per trial, then the printed front with the teacher line
+    assert sum("trial" in line and "ETA" in line for line in logs) == exp.search.n_trials
+    assert any(line.startswith("teacher:") for line in logs)
+    table = next(line for line in logs if "Pareto front on profile 'host'" in line)
+    assert table
+    csv_lines = (result.out_dir / "front_host.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == len(front) + 1 and csv_lines[0].startswith("trial,accuracy")
+    assert (result.out_dir / "front_host.png").stat().st_size > 1000
+
+
+def test_pruned_candidates_are_smaller_and_rebuild_to_the_logged_figures(finished_search):
+    exp, result, _ = finished_search
+    study = optuna.load_study(study_name=result.study_name, storage=exp.storage_url)
+    teacher_params = result.teacher["params"]
+    pruned_seen = False
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        candidate = Candidate.from_params(trial.params)
+        if any(r > 0 for r in candidate.prune.values()):
+            pruned_seen = True
+            assert trial.user_attrs["metrics"]["params"] < teacher_params
+    assert pruned_seen
+
+    # Rebuild one front member from teacher + candidate + seed: same size, same output shape.
+    from autocompress.compress.pipeline import PipelineSettings
+    from autocompress.search.objectives import TrialContext
+    from autocompress.tasks import load_task
+    from autocompress.teacher import get_teacher
+
+    task = load_task(exp.task.name, exp.task.args)
+    teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed)
+    assert teacher.source == "cache"
+    row = result.fronts["host"][0]
+    ctx = TrialContext(
+        teacher=teacher.model,
+        task=task,
+        pipeline=PipelineSettings(finetune_epochs=exp.finetune.epochs, batch_size=exp.finetune.batch_size, seed=0),
+        latency=exp.latency,
+    )
+    model, metrics = objectives_module.score_candidate(Candidate.from_params(row.candidate), ctx)
+    assert model(task.example_input(3)).shape == (3, 10)
+    assert metrics.params == row.params and metrics.size_bytes == row.size_bytes
+    assert metrics.accuracy == pytest.approx(row.accuracy, abs=1e-6)
+
+
+def test_mlflow_holds_parent_and_child_runs(finished_search):
+    exp, result, _ = finished_search
+    client = MlflowClient(tracking_uri=exp.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["search.n_trials"] == str(exp.search.n_trials)
+    assert parent.data.metrics["teacher.accuracy"] == pytest.approx(result.teacher["accuracy"])
+    assert parent.data.tags["profile.host.threads"] == str(exp.latency.threads)
+    assert parent.data.tags["profile.host.cpu"]
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"
+    )
+    assert len(children) == exp.search.n_trials
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"accuracy", "latency_ms.host", "size_bytes", "params"} <= set(child.data.metrics)
+        assert any(k.startswith("prune/") for k in child.data.params)
+        assert child.data.tags["state"] == "COMPLETE"
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == list(range(1, exp.finetune.epochs + 1))
+    tagged = [c for c in children if c.data.tags.get("front.host") == "True"]
+    assert len(tagged) == len(result.fronts["host"])
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "fronts")}
+    assert artifacts == {"fronts/front_host.csv", "fronts/front_host.png"}
+
+
+def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, monkeypatch):
+    exp = parse_experiment(tiny_experiment_dict(tmp_path / "fail", n_trials=4))
+    real = objectives_module.score_candidate
+    calls = {"n": 0}
+
+    def flaky(candidate, ctx, on_epoch=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom: unsupported layer")
+        model, metrics = real(candidate, ctx, on_epoch)
+        if calls["n"] == 3:
+            metrics = type(metrics)(float("nan"), metrics.latency_ms, metrics.latency_p90_ms, 1, 1)
+        return model, metrics
+
+    monkeypatch.setattr("autocompress.search.runner.score_candidate", flaky)
+    result = run_search(exp, log=lambda _: None)
+    assert result.finished == 4 and result.failed == 2
+    study = optuna.load_study(study_name=result.study_name, storage=exp.storage_url)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    reasons = sorted(t.user_attrs["fail_reason"] for t in failed)
+    assert reasons[0].startswith("RuntimeError: boom") and "non-finite" in reasons[1]
+    client = MlflowClient(tracking_uri=exp.tracking_uri)
+    for t in failed:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED" and run.data.tags["fail_reason"] == t.user_attrs["fail_reason"]
+
+
+def test_resume_requires_an_existing_unchanged_study(tmp_path):
+    data = tiny_experiment_dict(tmp_path / "r", n_trials=1)
+    with pytest.raises(AutocompressError, match="no study of experiment 'tiny'"):
+        run_search(parse_experiment(data), resume=True, log=lambda _: None)
+    run_search(parse_experiment(data), log=lambda _: None)
+    data["finetune"]["epochs"] = 2
+    with pytest.raises(AutocompressError, match="experiment changed"):
+        run_search(parse_experiment(data), resume=True, log=lambda _: None)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkill_mid_trial_then_resume_ends_with_exactly_n_trials(tmp_path):
+    n_trials = 4
+    data = tiny_experiment_dict(tmp_path / "kill", n_trials=n_trials)
+    data["finetune"]["epochs"] = 3  # trials long enough to be killed in the middle of one
+    path = tmp_path / "kill.yaml"
+    path.write_text(yaml.safe_dump(data))
+    exp = parse_experiment(data)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autocompress", "search", str(path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def trials(states):
+        try:
+            summaries = optuna.get_all_study_summaries(exp.storage_url, include_best_trial=False)
+        except Exception:  # noqa: BLE001 - database not created yet
+            return []
+        if not summaries:
+            return []
+        study = optuna.load_study(study_name=summaries[0].study_name, storage=exp.storage_url)
+        return study.get_trials(states=states)
+
+    try:
+        _wait_for(lambda: len(trials((TrialState.COMPLETE,))) >= 1 and trials((TrialState.RUNNING,)), 240, "a trial")
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    done_before = {t.number: t.params for t in trials((TrialState.COMPLETE,))}
+    killed = trials((TrialState.RUNNING,))
+    assert proc.returncode == -signal.SIGKILL and len(killed) == 1
+
+    result = run_search(exp, resume=True, log=lambda _: None)
+    study = optuna.load_study(study_name=result.study_name, storage=exp.storage_url)
+    all_trials = study.get_trials()
+    assert result.finished == n_trials
+    assert sum(counted(t) for t in all_trials) == n_trials
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    # finished trials were kept as they were, not re-run
+    for number, params in done_before.items():
+        assert all_trials[number].state == TrialState.COMPLETE and all_trials[number].params == params
+    # the killed trial is flagged, excluded from the count, and re-run once with its parameters
+    interrupted = all_trials[killed[0].number]
+    assert interrupted.state == TrialState.FAIL and interrupted.user_attrs[INTERRUPTED]
+    retries = [t for t in all_trials if t.user_attrs.get("retry_of") == interrupted.number]
+    assert len(retries) == 1 and retries[0].params == interrupted.params and retries[0].state == TrialState.COMPLETE
+    client = MlflowClient(tracking_uri=exp.tracking_uri)
+    assert client.get_run(interrupted.user_attrs["mlflow_run_id"]).info.status == "KILLED"
