@@ -99,7 +99,8 @@ def fingerprint(exp: Experiment, space: SearchSpace) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _latest_study(storage: optuna.storages.BaseStorage, experiment: str) -> str | None:
+def latest_study(storage: optuna.storages.BaseStorage, experiment: str) -> str | None:
+    """Name of the newest study of ``experiment`` in ``storage``, or None."""
     names = [
         s.study_name
         for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
@@ -117,7 +118,7 @@ def open_study(exp: Experiment, space: SearchSpace, resume: bool | str) -> tuple
         raise AutocompressError(f"search.storage {exp.storage_url!r}: cannot open ({err})") from None
     fp = fingerprint(exp, space)
     if resume:
-        name = resume if isinstance(resume, str) else (exp.search.study_name or _latest_study(storage, exp.name))
+        name = resume if isinstance(resume, str) else (exp.search.study_name or latest_study(storage, exp.name))
         if name is None:
             raise AutocompressError(f"--resume: no study of experiment {exp.name!r} in {exp.storage_url}")
         try:

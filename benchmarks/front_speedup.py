@@ -1,0 +1,91 @@
+"""Re-measure a finished search's best front member against its teacher, side by side.
+
+Rebuilds the fastest front member within ``--max-drop`` accuracy points of the teacher (from
+teacher + candidate + seed, exactly as in the search), then times teacher and member in
+alternating rounds in one process (A B A B ...), so machine drift hits both equally. Prints
+per-round ratios and their median.
+
+    python benchmarks/front_speedup.py experiments/digits_cnn.yaml [--max-drop 1.0] [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import optuna
+
+from autocompress.compress.pipeline import PipelineSettings
+from autocompress.config import load_experiment
+from autocompress.evaluators import evaluate, measure_latency
+from autocompress.search.objectives import HOST, TrialContext, score_candidate
+from autocompress.search.report import make_rows, pareto_rows
+from autocompress.search.runner import latest_study
+from autocompress.spaces import Candidate
+from autocompress.tasks import load_task
+from autocompress.teacher import get_teacher
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment")
+    parser.add_argument("--study", help="study name (default: the latest of the experiment)")
+    parser.add_argument("--max-drop", type=float, default=1.0, help="accuracy points below the teacher allowed")
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+
+    exp = load_experiment(args.experiment)
+    storage = optuna.storages.RDBStorage(exp.storage_url)
+    name = args.study or latest_study(storage, exp.name)
+    if name is None:
+        print(f"no study of {exp.name} in {exp.storage_url}: run the search first", file=sys.stderr)
+        return 2
+    study = optuna.load_study(study_name=name, storage=storage)
+    task = load_task(exp.task.name, exp.task.args)
+    teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, log=lambda _: None)
+    val = task.loader("val", 256)
+    teacher_acc = evaluate(teacher.model, val, task.metric)
+    teacher_metrics = {"accuracy": teacher_acc, f"latency_ms.{HOST}": 1.0, "size_bytes": 1.0}
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    front = pareto_rows(make_rows(complete, teacher_metrics, HOST), exp.objectives)
+    eligible = [r for r in front if 100 * (teacher_acc - r.accuracy) <= args.max_drop]
+    if not eligible:
+        print(f"no front member within {args.max_drop} points of the teacher ({teacher_acc:.4f})")
+        return 1
+    best = min(eligible, key=lambda r: r.latency_ms)
+    ctx = TrialContext(
+        teacher=teacher.model,
+        task=task,
+        pipeline=PipelineSettings(
+            finetune_epochs=exp.finetune.epochs,
+            finetune_lr=exp.finetune.lr,
+            batch_size=exp.finetune.batch_size,
+            round_to=exp.space.prune.round_to,
+            importance=exp.space.prune.importance,
+            seed=exp.seed,
+        ),
+        latency=exp.latency,
+    )
+    model, metrics = score_candidate(Candidate.from_params(best.candidate), ctx)
+    x = task.example_input(exp.latency.batch_size)
+    lat = exp.latency
+    ratios, t_times, m_times = [], [], []
+    for _ in range(args.rounds):
+        t = measure_latency(teacher.model, x, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats).median_ms
+        m = measure_latency(model, x, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats).median_ms
+        t_times.append(t)
+        m_times.append(m)
+        ratios.append(t / m)
+    print(f"study {name}: trial {best.trial} ({Candidate.from_params(best.candidate).describe()})")
+    print(f"accuracy  teacher {teacher_acc:.4f}  member {metrics.accuracy:.4f}  "
+          f"({100 * (metrics.accuracy - teacher_acc):+.2f} pt; in search {best.accuracy:.4f})")
+    print(f"latency   teacher {statistics.median(t_times):.3f} ms  member {statistics.median(m_times):.3f} ms "
+          f"(batch {lat.batch_size}, {lat.threads} thread(s), median of {lat.repeats} per round)")
+    print(f"speedup   median {statistics.median(ratios):.2f}x  min {min(ratios):.2f}x  max {max(ratios):.2f}x "
+          f"over {args.rounds} alternating rounds")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
