@@ -95,6 +95,21 @@ class QuantizeSpace(_Section):
         return sorted(set(value), reverse=True)
 
 
+class LowRankSpace(_Section):
+    """Per-layer low-rank factorization (SVD / Tucker-2); rank as a fraction of full rank."""
+
+    enabled: bool = False  # opt-in: on small CNNs at batch 1 the extra layers can cost more than they save
+    fractions: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.25], min_length=1)
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_in_range(cls, value: list[float]) -> list[float]:
+        for f in value:
+            if not 0.0 < f <= 1.0:
+                raise ValueError(f"rank fraction {f} must be in (0, 1]")
+        return sorted(set(value))
+
+
 class DistillSpace(_Section):
     """Knowledge-distillation settings searched per trial (temperature T, KD weight alpha)."""
 
@@ -125,14 +140,15 @@ class SpaceConfig(_Section):
     exclude: list[str] = Field(default_factory=list)
     prune: PruneSpace = Field(default_factory=PruneSpace)
     quantize: QuantizeSpace = Field(default_factory=QuantizeSpace)
+    lowrank: LowRankSpace = Field(default_factory=LowRankSpace)
     distill: DistillSpace = Field(default_factory=DistillSpace)
 
 
 class FinetuneConfig(_Section):
     """The short (distillation) fine-tune every candidate gets before it is scored."""
 
-    epochs: int = Field(default=2, ge=0, le=1000)
-    lr: float = Field(default=0.01, gt=0, le=10)
+    epochs: int = Field(default=3, ge=0, le=1000)
+    lr: float = Field(default=0.02, gt=0, le=10)
     batch_size: int = Field(default=64, ge=1)
 
 
@@ -202,8 +218,8 @@ class Experiment(_Section):
 
     @model_validator(mode="after")
     def _something_to_search(self) -> Experiment:
-        if not (self.space.prune.enabled or self.space.quantize.enabled):
-            raise ValueError("space: enable at least one of prune, quantize")
+        if not (self.space.prune.enabled or self.space.quantize.enabled or self.space.lowrank.enabled):
+            raise ValueError("space: enable at least one of prune, quantize, lowrank")
         return self
 
     # Derived locations: one place decides where outputs go.

@@ -1,7 +1,8 @@
 """Apply a :class:`~autocompress.spaces.Candidate` to a teacher: the one place the order lives.
 
-Order: copy teacher -> prune (dependency graph, channels removed) -> attach weight fake-quant
--> distillation fine-tune (trains through the quantizer) -> bake quantized weights. The result
+Order: copy teacher -> prune (dependency graph, channels removed) -> low-rank factorization of
+the pruned layers -> attach weight fake-quant (a factorized layer's bit-width applies to each of
+its factors) -> distillation fine-tune (trains through the quantizer) -> bake quantized weights. The result
 is an ordinary ``nn.Module``; the same candidate, teacher, data and seed give the same model.
 """
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from autocompress.compress.distill import FitResult, fit
+from autocompress.compress.lowrank import Factorized, factorize
 from autocompress.compress.prune import prune
 from autocompress.compress.quantize import attach_weight_quant, bake_weights
 from autocompress.spaces.candidate import Candidate
@@ -24,8 +26,8 @@ from autocompress.spaces.candidate import Candidate
 class PipelineSettings:
     """Experiment-wide settings of the transforms (not searched)."""
 
-    finetune_epochs: int = 2
-    finetune_lr: float = 0.01
+    finetune_epochs: int = 3
+    finetune_lr: float = 0.02
     batch_size: int = 64
     round_to: int = 8
     importance: str = "l1"
@@ -34,10 +36,24 @@ class PipelineSettings:
 
 @dataclass
 class Compressed:
-    """The compressed model and what happened while building it."""
+    """The compressed model, the bit-width of each of its layers, and its fine-tune history."""
 
     model: nn.Module
+    bits: dict[str, int]
     fit: FitResult
+
+
+def layer_bits(model: nn.Module, bits: dict[str, int]) -> dict[str, int]:
+    """``bits`` keyed by the model's actual layers: a factorized layer's entry covers its factors."""
+    modules = dict(model.named_modules())
+    result = {}
+    for name, b in bits.items():
+        module = modules.get(name)
+        if isinstance(module, Factorized):
+            result.update({f"{name}.{child}": b for child, _ in module.named_children()})
+        else:
+            result[name] = b
+    return result
 
 
 def apply(
@@ -59,7 +75,9 @@ def apply(
     torch.manual_seed(settings.seed)
     student = copy.deepcopy(teacher).eval()
     prune(student, candidate.prune, example_input, round_to=settings.round_to, importance=settings.importance)
-    attach_weight_quant(student, candidate.bits)
+    factorize(student, {k: f for k, f in candidate.rank.items() if f < 1}, example_input)
+    bits = layer_bits(student, candidate.bits)
+    attach_weight_quant(student, bits)
     history = fit(
         student,
         train_batches_factory(),
@@ -72,4 +90,4 @@ def apply(
         on_epoch=on_epoch,
     )
     bake_weights(student)
-    return Compressed(model=student.eval(), fit=history)
+    return Compressed(model=student.eval(), bits=bits, fit=history)

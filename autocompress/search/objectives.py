@@ -83,7 +83,7 @@ def score_candidate(
         evaluate=lambda m: evaluate(m, val, ctx.task.metric),
         on_epoch=on_epoch,
     )
-    return compressed.model, measure(compressed.model, candidate.bits, ctx)
+    return compressed.model, measure(compressed.model, compressed.bits, ctx)
 
 
 def objective_values(metrics: Metrics, objectives: list[str], profile: str = HOST) -> list[float]:
