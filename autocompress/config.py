@@ -69,7 +69,8 @@ class PruneSpace(_Section):
     ratios: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75], min_length=1)
     # Kernels run fastest on channel counts that are multiples of 8 (SIMD width): keep them so.
     round_to: int = Field(default=8, ge=1)
-    importance: Literal["l1", "l2"] = "l1"
+    importance: Literal["l1", "l2", "taylor"] = "l1"
+    calibration_batches: int = Field(default=4, ge=1, description="batches of training data for taylor importance")
 
     @field_validator("ratios")
     @classmethod

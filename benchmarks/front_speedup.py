@@ -16,10 +16,9 @@ import sys
 
 import optuna
 
-from autocompress.compress.pipeline import PipelineSettings
 from autocompress.config import load_experiment
 from autocompress.evaluators import evaluate, measure_latency
-from autocompress.search.objectives import HOST, TrialContext, score_candidate
+from autocompress.search.objectives import HOST, make_context, score_candidate
 from autocompress.search.report import make_rows, pareto_rows
 from autocompress.search.runner import latest_study
 from autocompress.spaces import Candidate
@@ -54,19 +53,7 @@ def main() -> int:
         print(f"no front member within {args.max_drop} points of the teacher ({teacher_acc:.4f})")
         return 1
     best = min(eligible, key=lambda r: r.latency_ms)
-    ctx = TrialContext(
-        teacher=teacher.model,
-        task=task,
-        pipeline=PipelineSettings(
-            finetune_epochs=exp.finetune.epochs,
-            finetune_lr=exp.finetune.lr,
-            batch_size=exp.finetune.batch_size,
-            round_to=exp.space.prune.round_to,
-            importance=exp.space.prune.importance,
-            seed=exp.seed,
-        ),
-        latency=exp.latency,
-    )
+    ctx = make_context(exp, teacher.model, task)
     model, metrics = score_candidate(Candidate.from_params(best.candidate), ctx)
     x = task.example_input(exp.latency.batch_size)
     lat = exp.latency

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -142,3 +143,18 @@ def test_pipeline_is_deterministic_and_does_not_touch_the_teacher():
         assert torch.equal(v, before[k])
     assert count_parameters(a) < count_parameters(teacher)
     assert a(task.example_input(2)).shape == (2, 10)
+
+
+def test_taylor_importance_uses_gradients_and_removes_channels():
+    task = load_task("digits", {"width": 16, "hidden": 16, "image_size": 16})
+    model = task.build_model().eval()
+    x = task.example_input(1)
+    batches = list(itertools.islice(iter(task.loader("train", 32)), 2))
+    with pytest.raises(ValueError, match="needs calibration"):
+        prune(copy.deepcopy(model), {"features.conv2.conv": 0.5}, x, importance="taylor")
+    l1 = prune(copy.deepcopy(model), {"features.conv2.conv": 0.5}, x, importance="l1")
+    taylor = prune(copy.deepcopy(model), {"features.conv2.conv": 0.5}, x, importance="taylor", calibration=batches)
+    assert taylor.features.conv2.conv.out_channels == l1.features.conv2.conv.out_channels == 16
+    assert all(p.grad is None for p in taylor.parameters())  # calibration gradients are cleared
+    # the criteria rank channels differently, so different channels survive
+    assert not torch.equal(taylor.features.conv2.conv.weight, l1.features.conv2.conv.weight)

@@ -77,8 +77,6 @@ def test_pruned_candidates_are_smaller_and_rebuild_to_the_logged_figures(finishe
     assert pruned_seen
 
     # Rebuild one front member from teacher + candidate + seed: same size, same output shape.
-    from autocompress.compress.pipeline import PipelineSettings
-    from autocompress.search.objectives import TrialContext
     from autocompress.tasks import load_task
     from autocompress.teacher import get_teacher
 
@@ -86,12 +84,7 @@ def test_pruned_candidates_are_smaller_and_rebuild_to_the_logged_figures(finishe
     teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed)
     assert teacher.source == "cache"
     row = result.fronts["host"][0]
-    ctx = TrialContext(
-        teacher=teacher.model,
-        task=task,
-        pipeline=PipelineSettings(finetune_epochs=exp.finetune.epochs, batch_size=exp.finetune.batch_size, seed=0),
-        latency=exp.latency,
-    )
+    ctx = objectives_module.make_context(exp, teacher.model, task)
     model, metrics = objectives_module.score_candidate(Candidate.from_params(row.candidate), ctx)
     assert model(task.example_input(3)).shape == (3, 10)
     assert metrics.params == row.params and metrics.size_bytes == row.size_bytes

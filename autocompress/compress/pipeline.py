@@ -9,6 +9,7 @@ is an ordinary ``nn.Module``; the same candidate, teacher, data and seed give th
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ class PipelineSettings:
     batch_size: int = 64
     round_to: int = 8
     importance: str = "l1"
+    calibration_batches: int = 4  # training batches for gradient-based (taylor) importance
     seed: int = 0
 
 
@@ -74,7 +76,17 @@ def apply(
     """
     torch.manual_seed(settings.seed)
     student = copy.deepcopy(teacher).eval()
-    prune(student, candidate.prune, example_input, round_to=settings.round_to, importance=settings.importance)
+    calibration = None
+    if settings.importance == "taylor":
+        calibration = list(itertools.islice(iter(train_batches_factory()), settings.calibration_batches))
+    prune(
+        student,
+        candidate.prune,
+        example_input,
+        round_to=settings.round_to,
+        importance=settings.importance,
+        calibration=calibration,
+    )
     factorize(student, {k: f for k, f in candidate.rank.items() if f < 1}, example_input)
     bits = layer_bits(student, candidate.bits)
     attach_weight_quant(student, bits)

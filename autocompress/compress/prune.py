@@ -10,9 +10,11 @@ for the space, excluding output layers, and predicting kept channel counts after
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
@@ -100,12 +102,26 @@ def useful_ratios(channels: int, ratios: list[float], round_to: int) -> list[flo
     return result
 
 
+IMPORTANCES = ("l1", "l2", "taylor")
+
+
 def _importance(kind: str) -> tp.importance.Importance:
     if kind == "l1":
         return tp.importance.GroupMagnitudeImportance(p=1)
     if kind == "l2":
         return tp.importance.GroupMagnitudeImportance(p=2)
-    raise ValueError(f"unknown importance {kind!r}: use 'l1' or 'l2'")
+    if kind == "taylor":
+        # First-order Taylor: |w * dL/dw| summed over the group, from accumulated gradients.
+        return tp.importance.GroupTaylorImportance()
+    raise ValueError(f"unknown importance {kind!r}: use one of {', '.join(IMPORTANCES)}")
+
+
+def _accumulate_gradients(model: nn.Module, batches: Iterable) -> None:
+    """Sum cross-entropy gradients over ``batches`` into ``.grad`` (what Taylor importance reads)."""
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        for x, y in batches:
+            F.cross_entropy(model(x), y).backward()
 
 
 def prune(
@@ -115,11 +131,14 @@ def prune(
     *,
     round_to: int = 8,
     importance: str = "l1",
+    calibration: Iterable | None = None,
 ) -> nn.Module:
     """Remove the least important channels of each named group, in place; return the model.
 
     ``ratios`` maps a group name (see :func:`find_prune_groups`) to the fraction of its output
     channels to remove. Unnamed groups are left whole; unknown names raise ``KeyError``.
+    ``importance`` is ``"l1"``/``"l2"`` weight magnitude or ``"taylor"`` (first order), which
+    needs ``calibration``: a few labelled ``(x, y)`` batches to compute gradients on.
     """
     active = {name: r for name, r in ratios.items() if r > 0}
     if not active:
@@ -133,8 +152,12 @@ def prune(
     for name, ratio in active.items():
         if kept_channels(by_name[name].channels, ratio, round_to) < 1:
             raise ValueError(f"ratio {ratio} would remove every channel of {name}")
+    if importance == "taylor" and calibration is None:
+        raise ValueError("importance 'taylor' needs calibration batches to compute gradients")
     was_training = model.training
     model.eval()
+    if importance == "taylor":
+        _accumulate_gradients(model, calibration)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MetaPruner(
@@ -147,5 +170,6 @@ def prune(
             round_to=round_to if round_to > 1 else None,
         )
         pruner.step()
+    model.zero_grad(set_to_none=True)
     model.train(was_training)
     return model

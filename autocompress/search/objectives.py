@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from autocompress.compress.pipeline import PipelineSettings, apply
-from autocompress.config import LatencyConfig
+from autocompress.config import Experiment, LatencyConfig
 from autocompress.evaluators import count_parameters, evaluate, measure_latency, model_size_bytes
 from autocompress.spaces.candidate import Candidate
 from autocompress.tasks import Task
@@ -31,6 +31,20 @@ class TrialContext:
     task: Task
     pipeline: PipelineSettings
     latency: LatencyConfig
+
+
+def make_context(exp: Experiment, teacher: nn.Module, task: Task) -> TrialContext:
+    """The scoring context an experiment defines (transform settings, latency settings)."""
+    pipeline = PipelineSettings(
+        finetune_epochs=exp.finetune.epochs,
+        finetune_lr=exp.finetune.lr,
+        batch_size=exp.finetune.batch_size,
+        round_to=exp.space.prune.round_to,
+        importance=exp.space.prune.importance,
+        calibration_batches=exp.space.prune.calibration_batches,
+        seed=exp.seed,
+    )
+    return TrialContext(teacher=teacher, task=task, pipeline=pipeline, latency=exp.latency)
 
 
 @dataclass(frozen=True)

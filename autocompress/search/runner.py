@@ -21,14 +21,13 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from autocompress.compress.pipeline import PipelineSettings
 from autocompress.config import Experiment
 from autocompress.errors import AutocompressError
 from autocompress.hw_profiles import describe_host
 from autocompress.search.objectives import (
     DIRECTIONS,
     HOST,
-    TrialContext,
+    make_context,
     measure,
     objective_values,
     score_candidate,
@@ -227,19 +226,7 @@ def run_search(
     teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, retrain=retrain, log=log)
     space = build_space(teacher.model, task.example_input(1), exp.space)
     log(f"space: {len(space.prune)} prune groups, {len(space.bits)} quantizable layers, {space.size():.3g} candidates")
-    ctx = TrialContext(
-        teacher=teacher.model,
-        task=task,
-        pipeline=PipelineSettings(
-            finetune_epochs=exp.finetune.epochs,
-            finetune_lr=exp.finetune.lr,
-            batch_size=exp.finetune.batch_size,
-            round_to=space.round_to,
-            importance=space.importance,
-            seed=exp.seed,
-        ),
-        latency=exp.latency,
-    )
+    ctx = make_context(exp, teacher.model, task)
     teacher_metrics = measure(teacher.model, {}, ctx).as_dict()
     log(
         f"teacher: val accuracy {teacher_metrics['accuracy']:.4f}, "
