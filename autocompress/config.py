@@ -86,6 +86,7 @@ class QuantizeSpace(_Section):
 
     enabled: bool = True
     bits: list[int] = Field(default_factory=lambda: [32, 8, 4], min_length=1)
+    calibration_batches: int = Field(default=4, ge=1, description="training batches that calibrate int8 ranges")
 
     @field_validator("bits")
     @classmethod
@@ -151,11 +152,21 @@ class FinetuneConfig(_Section):
     epochs: int = Field(default=3, ge=0, le=1000)
     lr: float = Field(default=0.02, gt=0, le=10)
     batch_size: int = Field(default=64, ge=1)
+    # Optional intermediate-feature distillation (FitNets): student outputs of these layers are
+    # pulled towards the teacher's through a learned 1x1 adapter (pruning changes their width).
+    feature_layers: list[str] = Field(default_factory=list)
+    feature_weight: float = Field(default=0.0, ge=0)
 
 
 class LatencyConfig(_Section):
-    """How latency is measured on this host: fixed threads, warm-up, median of repeats."""
+    """Where and how candidates are measured on this host: runtime, threads, warm-up, repeats.
 
+    ``onnxruntime``: each candidate is exported to ONNX, its 8-bit layers really quantized (int8
+    kernels), and accuracy *and* latency are measured on that deployed model. ``torch``: the
+    compressed model runs in eager fp32 (bit-widths then only round weights and count to size).
+    """
+
+    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
     threads: int = Field(default=1, ge=1, le=256)
     batch_size: int = Field(default=1, ge=1)
     warmup: int = Field(default=10, ge=0)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from autocompress.compress.distill import TrainingDiverged, fit, kd_loss
+from autocompress.compress.distill import FeatureDistiller, TrainingDiverged, fit, kd_loss
 from autocompress.compress.pipeline import PipelineSettings, apply
 from autocompress.compress.prune import find_prune_groups, kept_channels, prune, useful_ratios
 from autocompress.compress.quantize import attach_weight_quant, bake_weights
@@ -158,3 +159,24 @@ def test_taylor_importance_uses_gradients_and_removes_channels():
     assert all(p.grad is None for p in taylor.parameters())  # calibration gradients are cleared
     # the criteria rank channels differently, so different channels survive
     assert not torch.equal(taylor.features.conv2.conv.weight, l1.features.conv2.conv.weight)
+
+
+def test_feature_distillation_adapts_pruned_widths_and_cleans_up():
+    task = load_task("digits", {"width": 16, "hidden": 16, "image_size": 16})
+    teacher = task.build_model().eval()
+    x = task.example_input(1)
+    student = prune(copy.deepcopy(teacher), {"features.conv4.conv": 0.5}, x)
+    layers = ["features.conv4", "features.conv5"]
+    batches = list(itertools.islice(iter(task.loader("train", 32)), 3))
+    distiller = FeatureDistiller(student, teacher, layers, x)
+    adapter = distiller.adapters["features__conv4"]
+    assert (adapter.in_channels, adapter.out_channels) == (32, 64)  # pruned width -> teacher width
+    distiller.remove()
+    with pytest.raises(ValueError, match="no layer named 'nope'"):
+        FeatureDistiller(student, teacher, ["nope"], x)
+
+    history = fit(student, batches, epochs=2, lr=0.01, teacher=teacher, alpha=0.5, temperature=2.0,
+                  feature_layers=layers, feature_weight=1.0)
+    assert len(history.train_loss) == 2 and all(math.isfinite(v) for v in history.train_loss)
+    for model in (student, teacher):
+        assert all(not m._forward_hooks for m in model.modules())  # hooks removed after the fine-tune

@@ -33,6 +33,8 @@ class PipelineSettings:
     round_to: int = 8
     importance: str = "l1"
     calibration_batches: int = 4  # training batches for gradient-based (taylor) importance
+    feature_layers: tuple[str, ...] = ()  # intermediate-feature distillation, off when empty
+    feature_weight: float = 0.0
     seed: int = 0
 
 
@@ -98,6 +100,8 @@ def apply(
         teacher=teacher,
         temperature=candidate.kd_temperature,
         alpha=candidate.kd_alpha,
+        feature_layers=settings.feature_layers,
+        feature_weight=settings.feature_weight,
         evaluate=evaluate,
         on_epoch=on_epoch,
     )

@@ -6,12 +6,15 @@ candidate and a :class:`TrialContext`) and knows nothing about the search that c
 
 from __future__ import annotations
 
+import itertools
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from autocompress.compress.deploy import deploy
 from autocompress.compress.pipeline import PipelineSettings, apply
 from autocompress.config import Experiment, LatencyConfig
 from autocompress.evaluators import count_parameters, evaluate, measure_latency, model_size_bytes
@@ -31,6 +34,7 @@ class TrialContext:
     task: Task
     pipeline: PipelineSettings
     latency: LatencyConfig
+    calibration_batches: int = 4  # training batches that calibrate int8 activation ranges
 
 
 def make_context(exp: Experiment, teacher: nn.Module, task: Task) -> TrialContext:
@@ -42,9 +46,17 @@ def make_context(exp: Experiment, teacher: nn.Module, task: Task) -> TrialContex
         round_to=exp.space.prune.round_to,
         importance=exp.space.prune.importance,
         calibration_batches=exp.space.prune.calibration_batches,
+        feature_layers=tuple(exp.finetune.feature_layers),
+        feature_weight=exp.finetune.feature_weight,
         seed=exp.seed,
     )
-    return TrialContext(teacher=teacher, task=task, pipeline=pipeline, latency=exp.latency)
+    return TrialContext(
+        teacher=teacher,
+        task=task,
+        pipeline=pipeline,
+        latency=exp.latency,
+        calibration_batches=exp.space.quantize.calibration_batches,
+    )
 
 
 @dataclass(frozen=True)
@@ -66,12 +78,24 @@ class Metrics:
 
 
 def measure(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> Metrics:
-    """Accuracy on the validation split, host latency, size and parameter count of ``model``."""
-    accuracy = evaluate(model, ctx.task.loader("val", 256), ctx.task.metric)
+    """Accuracy on the validation split, host latency, size and parameter count of ``model``.
+
+    With the ``onnxruntime`` runtime the model is first deployed (exported, its 8-bit layers
+    statically quantized to real int8 kernels), and accuracy and latency are both measured on the
+    deployed model, so what is scored is what would ship. With ``torch`` the eager model is measured.
+    """
+    val = ctx.task.loader("val", 256)
     example = ctx.task.example_input(ctx.latency.batch_size)
-    latency = measure_latency(
-        model, example, threads=ctx.latency.threads, warmup=ctx.latency.warmup, repeats=ctx.latency.repeats
-    )
+    settings = ctx.latency
+    with tempfile.TemporaryDirectory(prefix="autocompress-deploy-") as workdir:
+        runnable = model
+        if settings.runtime == "onnxruntime":
+            calibration = list(itertools.islice(iter(ctx.task.loader("train", 64)), ctx.calibration_batches))
+            runnable = deploy(model, bits, ctx.task.example_input(1), calibration, workdir, settings.threads).model
+        accuracy = evaluate(runnable, val, ctx.task.metric)
+        latency = measure_latency(
+            runnable, example, threads=settings.threads, warmup=settings.warmup, repeats=settings.repeats
+        )
     return Metrics(
         accuracy=accuracy,
         latency_ms={HOST: latency.median_ms},

@@ -175,6 +175,17 @@ def recover_interrupted(study: optuna.Study, tracker: Tracker, log: Callable[[st
     return recovered
 
 
+def runtime_description(runtime: str) -> str:
+    """What executes candidates on the host, with its version (logged with the search)."""
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__} CPU (int8 kernels for 8-bit layers, fp32 otherwise)"
+    import torch
+
+    return f"torch {torch.__version__} eager fp32"
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 60:
@@ -231,7 +242,7 @@ def run_search(
     log(
         f"teacher: val accuracy {teacher_metrics['accuracy']:.4f}, "
         f"latency {teacher_metrics['latency_ms.host']:.3f} ms "
-        f"(batch {exp.latency.batch_size}, {exp.latency.threads} thread(s)), "
+        f"({exp.latency.runtime}, batch {exp.latency.batch_size}, {exp.latency.threads} thread(s)), "
         f"size {teacher_metrics['size_bytes'] / 1e3:.1f} kB"
     )
 
@@ -250,7 +261,8 @@ def run_search(
     else:
         tracker.client.update_run(parent_id, status="RUNNING")
         recover_interrupted(study, tracker, log)
-    host_tags = {f"profile.{HOST}.{k}": v for k, v in describe_host(exp.latency.threads).items()}
+    host = {**describe_host(exp.latency.threads), "runtime": runtime_description(exp.latency.runtime)}
+    host_tags = {f"profile.{HOST}.{k}": v for k, v in host.items()}
     tracker.log(
         parent_id,
         metrics={f"teacher.{k}": v for k, v in teacher_metrics.items()},
