@@ -1,11 +1,12 @@
 """Re-measure a finished search's best front member against its teacher, side by side.
 
 Rebuilds the fastest front member within ``--max-drop`` accuracy points of the teacher (from
-teacher + candidate + seed, exactly as in the search), then times teacher and member in
-alternating rounds in one process (A B A B ...), so machine drift hits both equally. Prints
-per-round ratios and their median.
+teacher + candidate + seed, exactly as in the search), deploys both on the experiment's runtime
+(ONNX Runtime by default: the member's 8-bit layers as real int8), then times them in alternating
+rounds in one process (A B A B ...), so machine drift hits both equally. Prints accuracies and
+the median of per-round latency ratios.
 
-    python benchmarks/front_speedup.py experiments/digits_cnn.yaml [--max-drop 1.0] [--rounds 15]
+    python benchmarks/front_speedup.py experiments/digits_cnn.yaml [--output-dir DIR] [--max-drop 1.0]
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
+from pathlib import Path
 
 import optuna
 
 from autocompress.config import load_experiment
 from autocompress.evaluators import evaluate, measure_latency
-from autocompress.search.objectives import HOST, make_context, score_candidate
+from autocompress.search.objectives import HOST, build_candidate, make_context, runnable
 from autocompress.search.report import make_rows, pareto_rows
 from autocompress.search.runner import latest_study
 from autocompress.spaces import Candidate
@@ -32,9 +35,10 @@ def main() -> int:
     parser.add_argument("--study", help="study name (default: the latest of the experiment)")
     parser.add_argument("--max-drop", type=float, default=1.0, help="accuracy points below the teacher allowed")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--output-dir", help="the search's output directory, if not the experiment's default")
     args = parser.parse_args()
 
-    exp = load_experiment(args.experiment)
+    exp = load_experiment(args.experiment, {"output_dir": args.output_dir} if args.output_dir else None)
     storage = optuna.storages.RDBStorage(exp.storage_url)
     name = args.study or latest_study(storage, exp.name)
     if name is None:
@@ -54,21 +58,27 @@ def main() -> int:
         return 1
     best = min(eligible, key=lambda r: r.latency_ms)
     ctx = make_context(exp, teacher.model, task)
-    model, metrics = score_candidate(Candidate.from_params(best.candidate), ctx)
+    compressed = build_candidate(Candidate.from_params(best.candidate), ctx)
     x = task.example_input(exp.latency.batch_size)
     lat = exp.latency
-    ratios, t_times, m_times = [], [], []
-    for _ in range(args.rounds):
-        t = measure_latency(teacher.model, x, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats).median_ms
-        m = measure_latency(model, x, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats).median_ms
-        t_times.append(t)
-        m_times.append(m)
-        ratios.append(t / m)
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_run = runnable(teacher.model, {}, ctx, Path(tmp) / "teacher")
+        member_run = runnable(compressed.model, compressed.bits, ctx, Path(tmp) / "member")
+        member_acc = evaluate(member_run, val, task.metric)
+        teacher_acc = evaluate(teacher_run, val, task.metric)
+        ratios, t_times, m_times = [], [], []
+        for _ in range(args.rounds):
+            t = measure_latency(teacher_run, x, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats)
+            m = measure_latency(member_run, x, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats)
+            t_times.append(t.median_ms)
+            m_times.append(m.median_ms)
+            ratios.append(t.median_ms / m.median_ms)
     print(f"study {name}: trial {best.trial} ({Candidate.from_params(best.candidate).describe()})")
-    print(f"accuracy  teacher {teacher_acc:.4f}  member {metrics.accuracy:.4f}  "
-          f"({100 * (metrics.accuracy - teacher_acc):+.2f} pt; in search {best.accuracy:.4f})")
-    print(f"latency   teacher {statistics.median(t_times):.3f} ms  member {statistics.median(m_times):.3f} ms "
-          f"(batch {lat.batch_size}, {lat.threads} thread(s), median of {lat.repeats} per round)")
+    print(f"runtime   {exp.latency.runtime}, batch {lat.batch_size}, {lat.threads} thread(s), "
+          f"median of {lat.repeats} runs per round")
+    print(f"accuracy  teacher {teacher_acc:.4f}  member {member_acc:.4f}  "
+          f"({100 * (member_acc - teacher_acc):+.2f} pt; in search {best.accuracy:.4f})")
+    print(f"latency   teacher {statistics.median(t_times):.3f} ms  member {statistics.median(m_times):.3f} ms")
     print(f"speedup   median {statistics.median(ratios):.2f}x  min {min(ratios):.2f}x  max {max(ratios):.2f}x "
           f"over {args.rounds} alternating rounds")
     return 0

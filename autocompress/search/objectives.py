@@ -10,12 +10,14 @@ import itertools
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from autocompress.compress.deploy import deploy
-from autocompress.compress.pipeline import PipelineSettings, apply
+from autocompress.compress.pipeline import Compressed, PipelineSettings, apply
 from autocompress.config import Experiment, LatencyConfig
 from autocompress.evaluators import count_parameters, evaluate, measure_latency, model_size_bytes
 from autocompress.spaces.candidate import Candidate
@@ -77,24 +79,32 @@ class Metrics:
         return flat
 
 
+def runnable(model: nn.Module, bits: dict[str, int], ctx: TrialContext, workdir: str | Path) -> Any:
+    """What executes ``model`` on the host's runtime: the model itself (``torch``), or its ONNX
+    Runtime deployment with the 8-bit layers statically quantized to int8 (``onnxruntime``),
+    written under ``workdir``."""
+    if ctx.latency.runtime == "torch":
+        return model
+    calibration = list(itertools.islice(iter(ctx.task.loader("train", 64)), ctx.calibration_batches))
+    return deploy(model, bits, ctx.task.example_input(1), calibration, workdir, ctx.latency.threads).model
+
+
 def measure(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> Metrics:
     """Accuracy on the validation split, host latency, size and parameter count of ``model``.
 
-    With the ``onnxruntime`` runtime the model is first deployed (exported, its 8-bit layers
-    statically quantized to real int8 kernels), and accuracy and latency are both measured on the
-    deployed model, so what is scored is what would ship. With ``torch`` the eager model is measured.
+    Accuracy and latency are both measured on :func:`runnable` (for ``onnxruntime``, the deployed
+    model with real int8 kernels), so what is scored is what would ship.
     """
-    val = ctx.task.loader("val", 256)
-    example = ctx.task.example_input(ctx.latency.batch_size)
     settings = ctx.latency
     with tempfile.TemporaryDirectory(prefix="autocompress-deploy-") as workdir:
-        runnable = model
-        if settings.runtime == "onnxruntime":
-            calibration = list(itertools.islice(iter(ctx.task.loader("train", 64)), ctx.calibration_batches))
-            runnable = deploy(model, bits, ctx.task.example_input(1), calibration, workdir, settings.threads).model
-        accuracy = evaluate(runnable, val, ctx.task.metric)
+        executable = runnable(model, bits, ctx, workdir)
+        accuracy = evaluate(executable, ctx.task.loader("val", 256), ctx.task.metric)
         latency = measure_latency(
-            runnable, example, threads=settings.threads, warmup=settings.warmup, repeats=settings.repeats
+            executable,
+            ctx.task.example_input(settings.batch_size),
+            threads=settings.threads,
+            warmup=settings.warmup,
+            repeats=settings.repeats,
         )
     return Metrics(
         accuracy=accuracy,
@@ -105,14 +115,14 @@ def measure(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> Metric
     )
 
 
-def score_candidate(
+def build_candidate(
     candidate: Candidate,
     ctx: TrialContext,
     on_epoch: Callable[[int, float | None], None] | None = None,
-) -> tuple[nn.Module, Metrics]:
-    """Build ``candidate`` from the teacher (pruning, fine-tune, quantization) and measure it."""
+) -> Compressed:
+    """Build ``candidate`` from the teacher (prune, low-rank, fine-tune with KD, quantize)."""
     val = ctx.task.loader("val", 256)
-    compressed = apply(
+    return apply(
         ctx.teacher,
         candidate,
         lambda: ctx.task.loader("train", ctx.pipeline.batch_size, shuffle=True),
@@ -121,6 +131,15 @@ def score_candidate(
         evaluate=lambda m: evaluate(m, val, ctx.task.metric),
         on_epoch=on_epoch,
     )
+
+
+def score_candidate(
+    candidate: Candidate,
+    ctx: TrialContext,
+    on_epoch: Callable[[int, float | None], None] | None = None,
+) -> tuple[nn.Module, Metrics]:
+    """Build ``candidate`` from the teacher and measure it."""
+    compressed = build_candidate(candidate, ctx, on_epoch)
     return compressed.model, measure(compressed.model, compressed.bits, ctx)
 
 
