@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from autocompress.compress.distill import FeatureDistiller, TrainingDiverged, fit, kd_loss
+from autocompress.compress.lowrank import model_macs
 from autocompress.compress.pipeline import PipelineSettings, apply
 from autocompress.compress.prune import find_prune_groups, kept_channels, prune, useful_ratios
 from autocompress.compress.quantize import attach_weight_quant, bake_weights
@@ -180,3 +181,68 @@ def test_feature_distillation_adapts_pruned_widths_and_cleans_up():
     assert len(history.train_loss) == 2 and all(math.isfinite(v) for v in history.train_loss)
     for model in (student, teacher):
         assert all(not m._forward_hooks for m in model.modules())  # hooks removed after the fine-tune
+
+
+class _ConcatDepthwiseNet(torch.nn.Module):
+    """Two branches joined by torch.cat, then a depthwise conv (groups == channels) and a pointwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.dw = torch.nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        self.bn = torch.nn.BatchNorm2d(64)
+        self.pw = torch.nn.Conv2d(64, 48, 1)
+        self.fc = torch.nn.Linear(48, 10)
+
+    def forward(self, x):
+        x = torch.cat([self.a(x), self.b(x)], dim=1)
+        x = torch.relu(self.pw(torch.relu(self.bn(self.dw(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_pruning_through_concatenation_and_depthwise_conv(tmp_path):
+    model = _ConcatDepthwiseNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    groups = {g.name: g for g in find_prune_groups(model, x[:1])}
+    # the depthwise conv ties its channels to its inputs, i.e. to both concatenated branches: one group
+    assert set(groups) == {"dw", "pw"} and {"a", "b", "dw"} <= set(groups["dw"].members)
+    pruned = prune(copy.deepcopy(model), {"dw": 0.5, "pw": 0.5}, x[:1], round_to=8)
+    ca, cb = pruned.a.out_channels, pruned.b.out_channels
+    assert ca + cb == 32  # channels removed from the concatenation, split by importance
+    assert pruned.dw.in_channels == pruned.dw.out_channels == pruned.dw.groups == 32
+    assert pruned.bn.num_features == 32 and pruned.pw.in_channels == 32 and pruned.pw.out_channels == 24
+    assert pruned.fc.in_features == 24 and pruned(x).shape == (2, 10)
+    expected = (27 * ca + ca) + (27 * cb + cb) + (32 * 9 + 32) + 2 * 32 + (32 * 24 + 24) + (24 * 10 + 10)
+    assert count_parameters(pruned) == expected
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(pruned, (x,), str(path), dynamo=False)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), pruned(x).detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_digits_macs_drop_as_computed_by_hand():
+    model = DigitsCNN(width=32).eval()
+    x = torch.randn(1, 1, 32, 32)
+
+    def macs(w, hidden):  # 3x3 convs at 32x32, 32x32, 16x16, 16x16, 8x8, then the two Linears
+        sizes = [32 * 32, 32 * 32, 16 * 16, 16 * 16, 8 * 8]
+        ins = [1, *w[:4]]
+        return sum(9 * i * o * hw for i, o, hw in zip(ins, w, sizes, strict=True)) + w[4] * hidden + hidden * 10
+
+    assert model_macs(model, x) == macs([32, 64, 64, 128, 128], 64)
+    pruned = prune(copy.deepcopy(model), {"features.conv2.conv": 0.5, "features.conv5.conv": 0.75}, x)
+    assert model_macs(pruned, x) == macs([32, 32, 64, 128, 32], 64)
+
+
+def test_quantize_warns_about_layers_it_cannot_handle():
+    model = DigitsCNN(width=8).eval()
+    with pytest.warns(UserWarning) as caught:
+        wrapped = attach_weight_quant(model, {"features.pool1": 8, "fc1": 8, "ghost": 4})
+    assert wrapped == ["fc1"]
+    messages = [str(w.message) for w in caught]
+    assert "quantize: skipping 'features.pool1': MaxPool2d has no weight tensor" in messages
+    assert "quantize: skipping 'ghost': no such layer" in messages

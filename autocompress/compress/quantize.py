@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -60,7 +61,10 @@ class PerChannelWeightFakeQuant(nn.Module):
 
 
 def attach_weight_quant(model: nn.Module, bits: dict[str, int]) -> list[str]:
-    """Wrap the weight of each named layer whose bit-width is below 32; return the wrapped names."""
+    """Wrap the weight of each named layer whose bit-width is below 32; return the wrapped names.
+
+    A named layer that does not exist or has no weight tensor is skipped with a warning naming it.
+    """
     modules = dict(model.named_modules())
     wrapped = []
     for name, b in bits.items():
@@ -68,6 +72,8 @@ def attach_weight_quant(model: nn.Module, bits: dict[str, int]) -> list[str]:
             continue
         module = modules.get(name)
         if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            reason = "no such layer" if module is None else f"{type(module).__name__} has no weight tensor"
+            warnings.warn(f"quantize: skipping {name!r}: {reason}", stacklevel=2)
             continue
         parametrize.register_parametrization(module, "weight", PerChannelWeightFakeQuant(b))
         wrapped.append(name)
