@@ -23,7 +23,7 @@ from autocompress.config import load_experiment
 from autocompress.evaluators import evaluate, measure_latency
 from autocompress.search.objectives import HOST, build_candidate, make_context, runnable
 from autocompress.search.report import make_rows, pareto_rows
-from autocompress.search.runner import latest_study
+from autocompress.search.runner import latest_study, trial_records
 from autocompress.spaces import Candidate
 from autocompress.tasks import load_task
 from autocompress.teacher import get_teacher
@@ -50,8 +50,7 @@ def main() -> int:
     val = task.loader("val", 256)
     teacher_acc = evaluate(teacher.model, val, task.metric)
     teacher_metrics = {"accuracy": teacher_acc, f"latency_ms.{HOST}": 1.0, "size_bytes": 1.0}
-    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    front = pareto_rows(make_rows(complete, teacher_metrics, HOST), exp.objectives)
+    front = pareto_rows(make_rows(trial_records(study), teacher_metrics, HOST), exp.objectives)
     eligible = [r for r in front if 100 * (teacher_acc - r.accuracy) <= args.max_drop]
     if not eligible:
         print(f"no front member within {args.max_drop} points of the teacher ({teacher_acc:.4f})")

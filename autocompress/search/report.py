@@ -17,6 +17,25 @@ COLUMNS = {"accuracy": "accuracy", "latency": "latency_ms", "size": "size_bytes"
 
 
 @dataclass(frozen=True)
+class TrialRecord:
+    """A finished, successful trial as plain data, whichever backend ran it.
+
+    ``metrics`` uses the flat names of :meth:`~autocompress.search.objectives.Metrics.as_dict`
+    (``accuracy``, ``latency_ms.<profile>``, ``size_bytes``, ``params``).
+    """
+
+    number: int
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    run_id: str | None = None
+
+
+def profiles_in(metrics: dict[str, float]) -> list[str]:
+    """The latency profiles a metrics dict has figures for, in order."""
+    return [k.split(".", 1)[1] for k in metrics if k.startswith("latency_ms.")]
+
+
+@dataclass(frozen=True)
 class Row:
     """One finished trial's figures for one latency profile, compared with the teacher."""
 
@@ -32,13 +51,13 @@ class Row:
     candidate: dict[str, Any]
 
 
-def make_rows(trials: Sequence[Any], teacher: dict[str, float], profile: str) -> list[Row]:
-    """Rows from completed Optuna trials whose metrics are stored in ``user_attrs``."""
+def make_rows(records: Sequence[TrialRecord], teacher: dict[str, float], profile: str) -> list[Row]:
+    """Rows for ``profile`` from trial records (records without that profile are left out)."""
     rows = []
     t_lat = teacher[f"latency_ms.{profile}"]
-    for t in trials:
-        m = t.user_attrs.get("metrics")
-        if not m or f"latency_ms.{profile}" not in m:
+    for t in records:
+        m = t.metrics
+        if f"latency_ms.{profile}" not in m:
             continue
         lat = m[f"latency_ms.{profile}"]
         rows.append(
@@ -65,6 +84,13 @@ def pareto_rows(rows: list[Row], objectives: Sequence[str]) -> list[Row]:
     points = np.array([[getattr(r, COLUMNS[o]) for o in objectives] for r in rows])
     mask = non_dominated(points, [o == "accuracy" for o in objectives])
     return sorted((r for r, keep in zip(rows, mask, strict=True) if keep), key=lambda r: r.latency_ms)
+
+
+def compute_fronts(
+    records: Sequence[TrialRecord], teacher: dict[str, float], objectives: Sequence[str]
+) -> dict[str, list[Row]]:
+    """One Pareto front per latency profile the teacher was scored on."""
+    return {p: pareto_rows(make_rows(records, teacher, p), objectives) for p in profiles_in(teacher)}
 
 
 def format_table(rows: list[Row], teacher: dict[str, float], profile: str) -> str:

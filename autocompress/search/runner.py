@@ -27,17 +27,26 @@ from autocompress.hw_profiles import describe_host
 from autocompress.search.objectives import (
     DIRECTIONS,
     HOST,
+    TrialContext,
     make_context,
     measure,
     objective_values,
     score_candidate,
 )
-from autocompress.search.report import Row, format_table, make_rows, pareto_rows, plot_front, write_csv
+from autocompress.search.report import (
+    Row,
+    TrialRecord,
+    compute_fronts,
+    format_table,
+    make_rows,
+    plot_front,
+    write_csv,
+)
 from autocompress.search.samplers import make_sampler
 from autocompress.search.tracking import Tracker, flatten
 from autocompress.spaces import SearchSpace, build_space
-from autocompress.tasks import load_task
-from autocompress.teacher import get_teacher
+from autocompress.tasks import Task, load_task
+from autocompress.teacher import Teacher, get_teacher
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -222,16 +231,20 @@ class _Progress:
         self.log(f"{head} {body} | front {front_size} | {_duration(elapsed)} elapsed, ETA {_duration(eta)}")
 
 
-def run_search(
-    exp: Experiment,
-    *,
-    resume: bool | str = False,
-    retrain: bool = False,
-    log: Callable[[str], None] = print,
-) -> SearchResult:
-    """Run (or resume) the search of ``exp`` until ``n_trials`` trials are finished or time runs out."""
-    out_dir = exp.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+@dataclass
+class SearchSetup:
+    """Everything a search backend needs before its first trial (built once per search)."""
+
+    task: Task
+    teacher: Teacher
+    space: SearchSpace
+    ctx: TrialContext
+    teacher_metrics: dict[str, float]
+
+
+def prepare_search(exp: Experiment, *, retrain: bool = False, log: Callable[[str], None] = print) -> SearchSetup:
+    """Load the task, get the teacher, discover the space and score the teacher (backend-neutral)."""
+    exp.out_dir.mkdir(parents=True, exist_ok=True)
     task = load_task(exp.task.name, exp.task.args)
     log(f"task {task.name}: {len(task.train)} train / {len(task.val)} val / {len(task.test)} test samples")
     teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, retrain=retrain, log=log)
@@ -245,29 +258,55 @@ def run_search(
         f"({exp.latency.runtime}, batch {exp.latency.batch_size}, {exp.latency.threads} thread(s)), "
         f"size {teacher_metrics['size_bytes'] / 1e3:.1f} kB"
     )
+    return SearchSetup(task, teacher, space, ctx, teacher_metrics)
 
+
+def start_parent_run(exp: Experiment, setup: SearchSetup, tracker: Tracker, name: str) -> str:
+    """Create the search's MLflow parent run with the config, space and host description."""
+    parent_id = tracker.start_run(name, tags={"autocompress.study": name})
+    config = exp.model_dump(mode="json")
+    tracker.log(parent_id, params=flatten(config))
+    (exp.out_dir / "experiment.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (exp.out_dir / "space.json").write_text(json.dumps(setup.space.summary(), indent=2))
+    tracker.log_artifact(parent_id, exp.out_dir / "experiment.yaml")
+    tracker.log_artifact(parent_id, exp.out_dir / "space.json")
+    return parent_id
+
+
+def log_session(exp: Experiment, setup: SearchSetup, tracker: Tracker, parent_id: str) -> None:
+    """Record this session's teacher figures and host on the parent run (each session, as they may differ)."""
+    host = {**describe_host(exp.latency.threads), "runtime": runtime_description(exp.latency.runtime)}
+    tracker.log(
+        parent_id,
+        metrics={f"teacher.{k}": v for k, v in setup.teacher_metrics.items()},
+        tags={
+            "teacher.source": setup.teacher.source,
+            "teacher.path": str(setup.teacher.path),
+            **{f"profile.{HOST}.{k}": v for k, v in host.items()},
+        },
+    )
+
+
+def run_search(
+    exp: Experiment,
+    *,
+    resume: bool | str = False,
+    retrain: bool = False,
+    log: Callable[[str], None] = print,
+) -> SearchResult:
+    """Run (or resume) the search of ``exp`` until ``n_trials`` trials are finished or time runs out."""
+    setup = prepare_search(exp, retrain=retrain, log=log)
+    space, ctx, teacher_metrics = setup.space, setup.ctx, setup.teacher_metrics
     study, resumed = open_study(exp, space, resume)
     tracker = Tracker(exp.tracking_uri, exp.tracking.experiment or exp.name, exp.artifact_root)
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
     if parent_id is None:
-        parent_id = tracker.start_run(study.study_name, tags={"autocompress.study": study.study_name})
+        parent_id = start_parent_run(exp, setup, tracker, study.study_name)
         study.set_user_attr("mlflow_parent_run_id", parent_id)
-        config = exp.model_dump(mode="json")
-        tracker.log(parent_id, params=flatten(config))
-        (out_dir / "experiment.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        (out_dir / "space.json").write_text(json.dumps(space.summary(), indent=2))
-        tracker.log_artifact(parent_id, out_dir / "experiment.yaml")
-        tracker.log_artifact(parent_id, out_dir / "space.json")
     else:
         tracker.client.update_run(parent_id, status="RUNNING")
         recover_interrupted(study, tracker, log)
-    host = {**describe_host(exp.latency.threads), "runtime": runtime_description(exp.latency.runtime)}
-    host_tags = {f"profile.{HOST}.{k}": v for k, v in host.items()}
-    tracker.log(
-        parent_id,
-        metrics={f"teacher.{k}": v for k, v in teacher_metrics.items()},
-        tags={"teacher.source": teacher.source, "teacher.path": str(teacher.path), **host_tags},
-    )
+    log_session(exp, setup, tracker, parent_id)
     log(
         f"study {study.study_name!r} in {exp.storage_url}{' (resumed)' if resumed else ''}; "
         f"MLflow run {parent_id} at {exp.tracking_uri}"
@@ -347,40 +386,59 @@ def _run_trial(study, space, ctx, exp, tracker, parent_id, worker, progress, tea
     return front_size
 
 
+def trial_records(study: optuna.Study) -> list[TrialRecord]:
+    """The study's complete trials as backend-neutral records."""
+    return [
+        TrialRecord(t.number, dict(t.params), t.user_attrs["metrics"], t.user_attrs.get("mlflow_run_id"))
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "metrics" in t.user_attrs
+    ]
+
+
 def _fronts(study: optuna.Study, exp: Experiment, teacher: dict[str, float]) -> dict[str, list[Row]]:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return {HOST: pareto_rows(make_rows(complete, teacher, HOST), exp.objectives)}
+    return compute_fronts(trial_records(study), teacher, exp.objectives)
 
 
-def _finish(study, exp, tracker, parent_id, teacher, status, log) -> SearchResult:
-    """Compute and publish the fronts (also after a timeout or an interrupt: nothing is lost)."""
-    out_dir = exp.out_dir / study.study_name
+def publish_fronts(
+    records: list[TrialRecord],
+    exp: Experiment,
+    teacher: dict[str, float],
+    tracker: Tracker,
+    parent_id: str,
+    out_dir: Path,
+    log: Callable[[str], None],
+) -> tuple[dict[str, list[Row]], list[Path]]:
+    """Compute the front per profile, print it, write CSV + PNG, log them and tag member runs."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    trials = study.get_trials(deepcopy=False)
-    finished = sum(counted(t) for t in trials)
-    failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED) for t in trials)
-    fronts = _fronts(study, exp, teacher)
+    fronts = compute_fronts(records, teacher, exp.objectives)
     artifacts: list[Path] = []
     for profile, front in fronts.items():
-        rows = make_rows(complete, teacher, profile)
         csv_path, png_path = out_dir / f"front_{profile}.csv", out_dir / f"front_{profile}.png"
         write_csv(front, csv_path)
-        plot_front(rows, front, teacher, profile, png_path)
+        plot_front(make_rows(records, teacher, profile), front, teacher, profile, png_path)
         artifacts += [csv_path, png_path]
         for path in (csv_path, png_path):
             tracker.log_artifact(parent_id, path, "fronts")
         members = {r.trial for r in front}
-        for t in complete:
-            run_id = t.user_attrs.get("mlflow_run_id")
-            if run_id:
-                tracker.log(run_id, tags={f"front.{profile}": t.number in members})
+        for record in records:
+            if record.run_id:
+                tracker.log(record.run_id, tags={f"front.{profile}": record.number in members})
         tracker.log(parent_id, metrics={f"front_size.{profile}": len(front)})
         log(
-            f"\nPareto front on profile '{profile}' ({len(front)} of {len(complete)} complete trials; "
+            f"\nPareto front on profile '{profile}' ({len(front)} of {len(records)} complete trials; "
             f"objectives: {', '.join(exp.objectives)}):"
         )
         log(format_table(front, teacher, profile))
+    return fronts, artifacts
+
+
+def _finish(study, exp, tracker, parent_id, teacher, status, log) -> SearchResult:
+    """Publish the fronts (also after a timeout or an interrupt: nothing is lost) and close the run."""
+    out_dir = exp.out_dir / study.study_name
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(counted(t) for t in trials)
+    failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED) for t in trials)
+    fronts, artifacts = publish_fronts(trial_records(study), exp, teacher, tracker, parent_id, out_dir, log)
     tracker.log(parent_id, metrics={"trials.finished": finished, "trials.failed": failed})
     tracker.end_run(parent_id, status)
     log(f"\n{finished} finished trial(s) ({failed} failed). Fronts: {out_dir}")
