@@ -173,10 +173,36 @@ class LatencyConfig(_Section):
     repeats: int = Field(default=50, ge=3)
 
 
+class ConstraintsConfig(_Section):
+    """Budgets a candidate must meet to be feasible; infeasible trials still teach the sampler."""
+
+    max_latency_ms: float | None = Field(default=None, gt=0, description="on the primary profile")
+    min_accuracy: float | None = Field(default=None, ge=0, le=1)
+    max_size_mb: float | None = Field(default=None, gt=0)
+
+
+class EarlyStopConfig(_Section):
+    """Stop a trial's fine-tune when its intermediate accuracy shows it cannot reach the front."""
+
+    enabled: bool = True
+    margin: float = Field(default=0.05, ge=0, le=1, description="accuracy below the bar that is still let through")
+    min_epochs: int = Field(default=1, ge=1, description="epochs before a trial may be stopped")
+
+
+class RayConfig(_Section):
+    """Ray Tune backend: where to run and how many resources a trial takes."""
+
+    address: str | None = Field(default=None, description="existing cluster ('auto' or ray://...); local if unset")
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    asha_grace_period: int = Field(default=1, ge=1, description="epochs before ASHA may stop a trial")
+    asha_reduction_factor: int = Field(default=2, ge=2)
+
+
 class SearchConfig(_Section):
     """The search controller: backend, sampler, budget, and where the study is stored."""
 
-    backend: Literal["optuna"] = "optuna"
+    backend: Literal["optuna", "ray"] = "optuna"
     sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
     n_trials: int = Field(default=30, ge=1)
     timeout: float | None = Field(default=None, gt=0, description="seconds")
@@ -184,6 +210,10 @@ class SearchConfig(_Section):
     seed: int | None = Field(default=None, description="defaults to the experiment seed")
     storage: str | None = Field(default=None, description="RDB URL; default sqlite in output_dir")
     study_name: str | None = None
+    workers: int = Field(default=1, ge=1, description="trial processes sharing the study's storage")
+    constraints: ConstraintsConfig = Field(default_factory=ConstraintsConfig)
+    early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @field_validator("storage")
     @classmethod

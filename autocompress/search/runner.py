@@ -295,6 +295,10 @@ def run_search(
     log: Callable[[str], None] = print,
 ) -> SearchResult:
     """Run (or resume) the search of ``exp`` until ``n_trials`` trials are finished or time runs out."""
+    if exp.search.backend == "ray":
+        from autocompress.search.ray_backend import run_ray_search
+
+        return run_ray_search(exp, resume=resume, retrain=retrain, log=log)
     setup = prepare_search(exp, retrain=retrain, log=log)
     space, ctx, teacher_metrics = setup.space, setup.ctx, setup.teacher_metrics
     study, resumed = open_study(exp, space, resume)
