@@ -60,6 +60,68 @@ def layer_bits(model: nn.Module, bits: dict[str, int]) -> dict[str, int]:
     return result
 
 
+def prepare_student(
+    teacher: nn.Module,
+    candidate: Candidate,
+    example_input: torch.Tensor,
+    settings: PipelineSettings,
+    calibration_factory: Callable[[], object] | None = None,
+) -> Compressed:
+    """The candidate's architecture before fine-tuning: pruned, factorized, weight quantizers attached.
+
+    Its latency and size are already final (fine-tuning changes weights, not shapes), which lets a
+    search measure them before spending the fine-tune. ``calibration_factory()`` supplies the
+    batches gradient-based (taylor) pruning needs.
+    """
+    torch.manual_seed(settings.seed)
+    student = copy.deepcopy(teacher).eval()
+    calibration = None
+    if settings.importance == "taylor":
+        if calibration_factory is None:
+            raise ValueError("taylor importance needs calibration batches")
+        calibration = list(itertools.islice(iter(calibration_factory()), settings.calibration_batches))
+    prune(
+        student,
+        candidate.prune,
+        example_input,
+        round_to=settings.round_to,
+        importance=settings.importance,
+        calibration=calibration,
+    )
+    factorize(student, {k: f for k, f in candidate.rank.items() if f < 1}, example_input)
+    bits = layer_bits(student, candidate.bits)
+    attach_weight_quant(student, bits)
+    return Compressed(model=student, bits=bits, fit=FitResult())
+
+
+def finetune_student(
+    student: Compressed,
+    teacher: nn.Module,
+    candidate: Candidate,
+    train_batches: object,
+    settings: PipelineSettings,
+    *,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    on_epoch: Callable[[int, float | None], None] | None = None,
+) -> Compressed:
+    """Distillation fine-tune of a prepared student (through its quantizers), then bake the weights."""
+    history = fit(
+        student.model,
+        train_batches,
+        epochs=settings.finetune_epochs,
+        lr=settings.finetune_lr,
+        teacher=teacher,
+        temperature=candidate.kd_temperature,
+        alpha=candidate.kd_alpha,
+        feature_layers=settings.feature_layers,
+        feature_weight=settings.feature_weight,
+        evaluate=evaluate,
+        on_epoch=on_epoch,
+    )
+    bake_weights(student.model)
+    return Compressed(model=student.model.eval(), bits=student.bits, fit=history)
+
+
 def apply(
     teacher: nn.Module,
     candidate: Candidate,
@@ -76,34 +138,7 @@ def apply(
     seed is set so the data order is reproducible. ``evaluate``/``on_epoch`` are passed to the
     fine-tune loop (intermediate validation, early stopping).
     """
-    torch.manual_seed(settings.seed)
-    student = copy.deepcopy(teacher).eval()
-    calibration = None
-    if settings.importance == "taylor":
-        calibration = list(itertools.islice(iter(train_batches_factory()), settings.calibration_batches))
-    prune(
-        student,
-        candidate.prune,
-        example_input,
-        round_to=settings.round_to,
-        importance=settings.importance,
-        calibration=calibration,
+    student = prepare_student(teacher, candidate, example_input, settings, train_batches_factory)
+    return finetune_student(
+        student, teacher, candidate, train_batches_factory(), settings, evaluate=evaluate, on_epoch=on_epoch
     )
-    factorize(student, {k: f for k, f in candidate.rank.items() if f < 1}, example_input)
-    bits = layer_bits(student, candidate.bits)
-    attach_weight_quant(student, bits)
-    history = fit(
-        student,
-        train_batches_factory(),
-        epochs=settings.finetune_epochs,
-        lr=settings.finetune_lr,
-        teacher=teacher,
-        temperature=candidate.kd_temperature,
-        alpha=candidate.kd_alpha,
-        feature_layers=settings.feature_layers,
-        feature_weight=settings.feature_weight,
-        evaluate=evaluate,
-        on_epoch=on_epoch,
-    )
-    bake_weights(student)
-    return Compressed(model=student.eval(), bits=bits, fit=history)

@@ -1,14 +1,19 @@
 """Latency measured on this host: fixed thread count, warm-up, median (and p90) of repeats.
 
 Measurement is the ground truth every latency figure in autocompress comes from; lookup-table
-predictions (hardware profiles) are checked against it.
+predictions (hardware profiles) are checked against it. :func:`measure_latency` times a model;
+:func:`time_callable` times anything, down to single operators of a few microseconds (batched
+calls per sample, re-measured when noisy), and :func:`pinned_cpu` keeps the measuring process on
+one core. The hardware-profile tools use both.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -58,5 +63,79 @@ def measure_latency(
             times.append((time.perf_counter() - start) * 1e3)
     model.train(was_training)
     times.sort()
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
-    return Latency(median_ms=statistics.median(times), p90_ms=p90, repeats=repeats, threads=threads)
+    return Latency(median_ms=statistics.median(times), p90_ms=_percentile(times, 0.9), repeats=repeats, threads=threads)
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(round(q * (len(sorted_values) - 1))))]
+
+
+def time_callable(
+    fn: Callable[[], object],
+    *,
+    warmup_ms: float = 20.0,
+    repeats: int = 30,
+    min_sample_ms: float = 1.0,
+    max_spread: float = 1.3,
+    attempts: int = 3,
+    threads: int = 1,
+) -> Latency:
+    """Per-call latency of ``fn()``: warm-up, then the median and p90 of ``repeats`` timed samples.
+
+    Built for operators measured in isolation, which can take microseconds: each sample times as
+    many back-to-back calls as fill ``min_sample_ms`` (so timer resolution and the loop cost do not
+    dominate), and the per-call time is the sample divided by the call count. Outlier-robust: the
+    median ignores stray slow samples, and when the run is noisy (p90/median above ``max_spread``,
+    e.g. another process took the CPU) it is measured again, up to ``attempts`` times, keeping the
+    quietest run (the lowest median: interference only ever adds time). ``threads`` is only recorded;
+    the caller fixes the thread count of whatever ``fn`` runs.
+    """
+    if repeats < 3:
+        raise ValueError(f"repeats={repeats}: need at least 3 samples for a median and p90")
+    start = time.perf_counter()
+    fn()  # first call: allocations, lazy initialisation
+    calls = 1
+    while (time.perf_counter() - start) * 1e3 < warmup_ms or calls < 3:
+        fn()
+        calls += 1
+    single_ms = (time.perf_counter() - start) * 1e3 / calls
+    number = max(1, int(math.ceil(min_sample_ms / max(single_ms, 1e-6))))
+    best: Latency | None = None
+    for _ in range(max(1, attempts)):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / number)
+        times.sort()
+        result = Latency(
+            median_ms=statistics.median(times), p90_ms=_percentile(times, 0.9), repeats=repeats, threads=threads
+        )
+        if best is None or result.median_ms < best.median_ms:
+            best = result
+        if result.p90_ms <= max_spread * result.median_ms:
+            break
+    assert best is not None
+    return best
+
+
+@contextmanager
+def pinned_cpu(cpu: int | None) -> Iterator[None]:
+    """Run the block with this process pinned to one CPU (``None``: leave affinity alone).
+
+    Pinning stops the scheduler from migrating the measuring thread between cores mid-sample,
+    which is the main source of stray slow samples on a small shared machine. A no-op where
+    ``os.sched_setaffinity`` does not exist (macOS, Windows).
+    """
+    if cpu is None or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    previous = os.sched_getaffinity(0)
+    if cpu not in previous:
+        raise ValueError(f"cpu {cpu} is not available to this process (allowed: {sorted(previous)})")
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, previous)

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from autocompress.compress.deploy import deploy
-from autocompress.compress.pipeline import Compressed, PipelineSettings, apply
+from autocompress.compress.pipeline import Compressed, PipelineSettings, apply, finetune_student, prepare_student
+from autocompress.compress.quantize import plain_copy
 from autocompress.config import Experiment, LatencyConfig
 from autocompress.evaluators import count_parameters, evaluate, measure_latency, model_size_bytes
 from autocompress.spaces.candidate import Candidate
@@ -89,30 +90,63 @@ def runnable(model: nn.Module, bits: dict[str, int], ctx: TrialContext, workdir:
     return deploy(model, bits, ctx.task.example_input(1), calibration, workdir, ctx.latency.threads).model
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What a candidate costs to run: known from its architecture, before any fine-tuning."""
+
+    latency_ms: dict[str, float]
+    latency_p90_ms: dict[str, float]
+    size_bytes: int
+    params: int
+
+
+def _run(
+    model: nn.Module, bits: dict[str, int], ctx: TrialContext, *, accuracy: bool, latency: bool
+) -> tuple[float | None, Any]:
+    settings = ctx.latency
+    with tempfile.TemporaryDirectory(prefix="autocompress-deploy-") as workdir:
+        executable = runnable(model, bits, ctx, workdir)
+        acc = evaluate(executable, ctx.task.loader("val", 256), ctx.task.metric) if accuracy else None
+        lat = None
+        if latency:
+            lat = measure_latency(
+                executable,
+                ctx.task.example_input(settings.batch_size),
+                threads=settings.threads,
+                warmup=settings.warmup,
+                repeats=settings.repeats,
+            )
+    return acc, lat
+
+
+def _cost(model: nn.Module, bits: dict[str, int], lat: Any) -> Cost:
+    return Cost(
+        latency_ms={HOST: lat.median_ms},
+        latency_p90_ms={HOST: lat.p90_ms},
+        size_bytes=model_size_bytes(model, bits),
+        params=count_parameters(model),
+    )
+
+
+def measure_cost(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> Cost:
+    """Latency (on :func:`runnable`), size and parameter count of ``model``; weights do not matter."""
+    _, lat = _run(plain_copy(model), bits, ctx, accuracy=False, latency=True)
+    return _cost(model, bits, lat)
+
+
+def metrics_from(accuracy: float, cost: Cost) -> Metrics:
+    """Combine a measured accuracy and cost into :class:`Metrics`."""
+    return Metrics(accuracy, cost.latency_ms, cost.latency_p90_ms, cost.size_bytes, cost.params)
+
+
 def measure(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> Metrics:
-    """Accuracy on the validation split, host latency, size and parameter count of ``model``.
+    """Accuracy on the validation split, host latency, size and parameter count of a finished model.
 
     Accuracy and latency are both measured on :func:`runnable` (for ``onnxruntime``, the deployed
     model with real int8 kernels), so what is scored is what would ship.
     """
-    settings = ctx.latency
-    with tempfile.TemporaryDirectory(prefix="autocompress-deploy-") as workdir:
-        executable = runnable(model, bits, ctx, workdir)
-        accuracy = evaluate(executable, ctx.task.loader("val", 256), ctx.task.metric)
-        latency = measure_latency(
-            executable,
-            ctx.task.example_input(settings.batch_size),
-            threads=settings.threads,
-            warmup=settings.warmup,
-            repeats=settings.repeats,
-        )
-    return Metrics(
-        accuracy=accuracy,
-        latency_ms={HOST: latency.median_ms},
-        latency_p90_ms={HOST: latency.p90_ms},
-        size_bytes=model_size_bytes(model, bits),
-        params=count_parameters(model),
-    )
+    acc, lat = _run(model, bits, ctx, accuracy=True, latency=True)
+    return metrics_from(acc, _cost(model, bits, lat))
 
 
 def build_candidate(
@@ -136,11 +170,32 @@ def build_candidate(
 def score_candidate(
     candidate: Candidate,
     ctx: TrialContext,
-    on_epoch: Callable[[int, float | None], None] | None = None,
+    on_epoch: Callable[[int, float | None, Cost], None] | None = None,
 ) -> tuple[nn.Module, Metrics]:
-    """Build ``candidate`` from the teacher and measure it."""
-    compressed = build_candidate(candidate, ctx, on_epoch)
-    return compressed.model, measure(compressed.model, compressed.bits, ctx)
+    """Build ``candidate`` and measure it: cost first (from the architecture), then the fine-tune,
+    then accuracy on the deployed model.
+
+    ``on_epoch(epoch, val_accuracy, cost)`` runs after each fine-tune epoch and may raise to stop
+    a hopeless trial (see :mod:`autocompress.search.early_stop`).
+    """
+
+    def train_batches():
+        return ctx.task.loader("train", ctx.pipeline.batch_size, shuffle=True)
+
+    student = prepare_student(ctx.teacher, candidate, ctx.task.example_input(1), ctx.pipeline, train_batches)
+    cost = measure_cost(student.model, student.bits, ctx)
+    val = ctx.task.loader("val", 256)
+    compressed = finetune_student(
+        student,
+        ctx.teacher,
+        candidate,
+        train_batches(),
+        ctx.pipeline,
+        evaluate=lambda m: evaluate(m, val, ctx.task.metric),
+        on_epoch=None if on_epoch is None else (lambda epoch, acc: on_epoch(epoch, acc, cost)),
+    )
+    accuracy, _ = _run(compressed.model, compressed.bits, ctx, accuracy=True, latency=False)
+    return compressed.model, metrics_from(accuracy, cost)
 
 
 def objective_values(metrics: Metrics, objectives: list[str], profile: str = HOST) -> list[float]:
