@@ -1,4 +1,4 @@
-"""Facts about the machine latency is measured on (logged with every search)."""
+"""Facts about the machine latency is measured on (logged with every search, stored in every profile)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,14 @@ def describe_host(threads: int) -> dict[str, str]:
         "os": f"{platform.system()} {platform.release()}",
         "runtime": f"torch {torch.__version__} eager fp32",
     }
+
+
+def runtime_version(runtime: str) -> str:
+    """Version string of ``runtime`` (``torch-eager`` or ``onnxruntime``) as installed here."""
+    if runtime == "torch-eager":
+        return torch.__version__
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        return onnxruntime.__version__
+    raise ValueError(f"unknown runtime {runtime!r}: use torch-eager or onnxruntime")

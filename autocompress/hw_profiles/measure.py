@@ -1,0 +1,358 @@
+"""``profile measure``: fill a profile's LUT with every operator an experiment's space can produce.
+
+1. Enumerate. Candidates come from the latency-relevant part of the space (prune ratios, rank
+   fractions, and int8-or-not per layer where int8 has kernels): all of them when there are at most
+   ``pool`` (the digits CNN's 4096 prune combinations), else the uncompressed and the most
+   compressed candidate plus ``pool`` random ones. Torch eager signatures are read from each
+   candidate's shape alone (a ``meta``-device model, ~10 ms), so the enumeration is exhaustive over
+   the pool. ONNX Runtime signatures need a real deployment per candidate (~0.5 s), so a subset is
+   chosen greedily to cover every (eager unit signature, own/neighbour int8-ness) combination the
+   pool shows, the things ORT's node choice depends on; only those are deployed.
+2. Measure each new signature in isolation (:func:`~autocompress.evaluators.latency.time_callable`:
+   warm-up, fixed threads, median of repeats, re-measured when noisy), pinned to one CPU. The
+   profile file is rewritten atomically at most every second and at exit, so a killed run keeps
+   what it measured; rerunning the same command skips every signature already in the file.
+3. Calibrate: time ``calibration`` random candidates end to end (the same ones on every run: fixed
+   seed; two passes over them, keeping each one's quieter median), measuring on demand any
+   signature they contain that enumeration missed, and refit the overhead terms on all samples in
+   the profile (every model measured into it so far).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import random
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from autocompress.compress.pipeline import layer_bits
+from autocompress.errors import AutocompressError
+from autocompress.evaluators.latency import Latency, pinned_cpu, time_callable
+from autocompress.hw_profiles import eager, onnx_graph, ort_map
+from autocompress.hw_profiles.host import cpu_model, runtime_version
+from autocompress.hw_profiles.predictor import UnpredictableSignature, fit_overhead, lookup
+from autocompress.hw_profiles.profile import (
+    CalibrationSample,
+    HostInfo,
+    LutEntry,
+    MeasurementInfo,
+    OpSignature,
+    Profile,
+    ProfileError,
+    RuntimeInfo,
+    load_profile,
+    save_profile,
+)
+from autocompress.hw_profiles.progress import Progress, duration
+from autocompress.hw_profiles.runtimes import Runtime, get_runtime
+from autocompress.hw_profiles.target import Target
+from autocompress.spaces.candidate import Candidate
+
+CALIBRATION_SEED = 12345  # fixed: a resumed run calibrates on the same candidates
+PATIENCE = 20
+CALIBRATION_PASSES = 2
+MAX_EXTRA = 100
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How ``profile measure`` times things and how far it enumerates."""
+
+    runtime: str = "torch-eager"
+    threads: int = 1
+    repeats: int = 30
+    warmup_ms: float = 20.0
+    min_sample_ms: float = 1.0
+    cpu: int | None = None
+    pool: int = 4096
+    seed: int = 0
+    calibration: int = 12
+    profile_id: str | None = None
+    description: str = ""
+
+
+def default_cpu() -> int | None:
+    """The CPU to pin measurements to: the last one this process may use (None where unsupported)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    return max(os.sched_getaffinity(0))
+
+
+def now_iso() -> str:
+    """Current UTC time, ISO 8601 to the second."""
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def candidate_label(candidate: Candidate) -> str:
+    """A short readable label with a hash of the parameters (unique per candidate)."""
+    digest = hashlib.sha1(json.dumps(candidate.to_params(), sort_keys=True).encode()).hexdigest()[:10]
+    return f"{candidate.describe()} #{digest}"
+
+
+def new_profile(settings: MeasureSettings, runtime: Runtime) -> Profile:
+    """An empty profile describing this machine and runtime."""
+    threads = settings.threads
+    profile_id = settings.profile_id or f"{runtime.name}-{threads}t"
+    return Profile(
+        id=profile_id,
+        description=settings.description,
+        host=HostInfo(
+            cpu=cpu_model(),
+            cores=os.cpu_count() or 1,
+            threads=threads,
+            machine=platform.machine(),
+            os=f"{platform.system()} {platform.release()}",
+        ),
+        runtime=RuntimeInfo(
+            name=runtime.name,
+            version=runtime_version(runtime.name),
+            dtypes=list(runtime.dtypes),
+            kernel_bits=list(runtime.kernel_bits),
+        ),
+        measured_at=now_iso(),
+        measurement=MeasurementInfo(
+            warmup_ms=settings.warmup_ms,
+            repeats=settings.repeats,
+            min_sample_ms=settings.min_sample_ms,
+            pinned_cpu=settings.cpu,
+        ),
+    )
+
+
+def open_profile(path: Path, settings: MeasureSettings, runtime: Runtime) -> Profile:
+    """The profile at ``path`` to continue (checked to match this machine and runtime), or a new one."""
+    if not path.exists():
+        return new_profile(settings, runtime)
+    profile = load_profile(path)
+    fresh = new_profile(settings, runtime)
+    checks = [
+        ("runtime", profile.runtime.name, fresh.runtime.name),
+        ("runtime version", profile.runtime.version, fresh.runtime.version),
+        ("threads", profile.host.threads, fresh.host.threads),
+        ("CPU", profile.host.cpu, fresh.host.cpu),
+    ]
+    for what, theirs, ours in checks:
+        if theirs != ours:
+            raise ProfileError(
+                f"{path}: measured with {what} {theirs!r}, this run uses {ours!r}; a profile holds one setup "
+                "(choose another --out)"
+            )
+    return profile
+
+
+class _Writer:
+    """Holds the profile being measured and saves it atomically, at most once per ``interval`` seconds."""
+
+    def __init__(self, profile: Profile, path: Path, interval: float = 1.0) -> None:
+        self.profile, self.path, self.interval = profile, path, interval
+        self.entries = list(profile.lut)
+        self.known = {e.signature.key() for e in self.entries}
+        self.samples = list(profile.calibration)
+        self.unit_map = dict(profile.unit_map)
+        self.last = 0.0
+
+    def add(self, sig: OpSignature, latency: Latency) -> None:
+        self.entries.append(
+            LutEntry(signature=sig, median_ms=latency.median_ms, p90_ms=latency.p90_ms, repeats=latency.repeats)
+        )
+        self.known.add(sig.key())
+        self.save()
+
+    def save(self, force: bool = False, **updates: object) -> Profile:
+        now = time.monotonic()
+        if updates:
+            self.profile = self.profile.model_copy(update=updates)
+        if force or now - self.last >= self.interval:
+            self.last = now
+            self.profile = Profile.model_validate(
+                {
+                    **self.profile.model_dump(),
+                    "lut": [e.model_dump() for e in self.entries],
+                    "calibration": [s.model_dump() for s in self.samples],
+                    "unit_map": self.unit_map,
+                    "measured_at": now_iso(),
+                }
+            )
+            save_profile(self.profile, self.path)
+        return self.profile
+
+
+def _time(fn: Callable[[], object], settings: MeasureSettings) -> Latency:
+    return time_callable(
+        fn,
+        warmup_ms=settings.warmup_ms,
+        repeats=settings.repeats,
+        min_sample_ms=settings.min_sample_ms,
+        threads=settings.threads,
+    )
+
+
+def _eager_enumeration(target: Target, settings: MeasureSettings) -> dict[str, OpSignature]:
+    found: dict[str, OpSignature] = {}
+    shape = tuple(target.example_input.shape)
+    for candidate in target.builder.pool(False, settings.pool, settings.seed):
+        for sig in eager.eager_signatures(target.builder.shape_model(candidate), shape):
+            found.setdefault(sig.key(), sig)
+    return found
+
+
+def cover_candidates(target: Target, settings: MeasureSettings) -> list[Candidate]:
+    """Candidates that together show every unit proxy (:func:`.ort_map.unit_proxies`) of the pool.
+
+    Greedy set cover over the pool: each step takes the candidate showing the most configurations
+    not yet shown. The proxies are a heuristic for what ORT's graph optimizer looks at, so
+    :func:`_measure_ort` follows up with random candidates until new signatures stop appearing.
+    """
+    shape = tuple(target.example_input.shape)
+    coverage = []
+    for candidate in target.builder.pool(True, settings.pool, settings.seed):
+        model = target.builder.shape_model(candidate)
+        coverage.append((candidate, set(ort_map.unit_proxies(model, shape, layer_bits(model, candidate.bits)))))
+    chosen, covered = [], set()
+    while True:
+        best, gain = None, 0
+        for candidate, keys in coverage:
+            new = len(keys - covered)
+            if new > gain:
+                best, gain = (candidate, keys), new
+        if best is None:
+            return chosen
+        chosen.append(best[0])
+        covered |= best[1]
+
+
+def measure_profile(
+    target: Target, out: Path, settings: MeasureSettings, log: Callable[[str], None] = print
+) -> Profile:
+    """Measure ``target``'s operators into the profile at ``out`` (created or continued); return it."""
+    runtime = get_runtime(settings.runtime)
+    if settings.threads < 1:
+        raise AutocompressError(f"--threads {settings.threads}: need at least 1")
+    profile = open_profile(out, settings, runtime)
+    writer = _Writer(profile, out)
+    if len(writer.entries):
+        log(f"{out}: continuing, {len(writer.entries)} signatures already measured")
+    cpu = settings.cpu if settings.threads == 1 else None
+    started = time.monotonic()
+    try:
+        with pinned_cpu(cpu), runtime.timing(settings.threads):
+            if runtime.name == "torch-eager":
+                _measure_eager(target, settings, writer, log)
+            else:
+                _measure_ort(target, settings, runtime, writer, log)
+            _calibrate(target, settings, runtime, writer, log)
+    finally:
+        writer.save(force=True)
+    log(
+        f"{out}: {len(writer.entries)} signatures, {len(writer.samples)} calibration samples, "
+        f"overhead per-op {writer.profile.overhead.per_op_ms * 1e3:.2f} us, {target.model_name} "
+        f"scale {writer.profile.overhead.scale.get(target.model_name, 1.0):.3f}, "
+        f"constant {writer.profile.overhead.constant_ms.get(target.model_name, 0.0):.4f} ms "
+        f"(fit residual {writer.profile.overhead.residual_pct or 0:.2f}%); {duration(time.monotonic() - started)}"
+    )
+    return writer.profile
+
+
+def _measure_eager(target: Target, settings: MeasureSettings, writer: _Writer, log: Callable[[str], None]) -> None:
+    found = _eager_enumeration(target, settings)
+    todo = [sig for key, sig in found.items() if key not in writer.known]
+    log(f"torch-eager: {len(found)} distinct operator signatures in the space, {len(todo)} to measure")
+    progress = Progress("measure", len(todo), "signatures")
+    for i, sig in enumerate(todo):
+        module, inputs = eager.build_unit(sig)
+        writer.add(sig, _time(lambda module=module, inputs=inputs: module(*inputs), settings))
+        progress.update(i + 1, note=sig.op)
+    progress.close()
+
+
+def _measure_ort(
+    target: Target, settings: MeasureSettings, runtime: Runtime, writer: _Writer, log: Callable[[str], None]
+) -> None:
+    chosen = cover_candidates(target, settings)
+    log(f"onnxruntime: deploying {len(chosen)} candidates that cover the space's operator configurations")
+    progress = Progress("measure", len(chosen), "candidates")
+    for i, candidate in enumerate(chosen):
+        _measure_missing(target, candidate, settings, runtime, writer)
+        progress.update(i + 1, note=f"{len(writer.entries)} signatures")
+    progress.close()
+    # The proxies can miss a context ORT cares about: keep drawing random candidates until
+    # PATIENCE in a row bring no new signature (or MAX_EXTRA were tried).
+    rng = random.Random(settings.seed + 1)
+    quiet = extra = 0
+    while quiet < PATIENCE and extra < MAX_EXTRA:
+        before = len(writer.entries)
+        _measure_missing(target, target.builder.sample(rng), settings, runtime, writer)
+        extra += 1
+        quiet = 0 if len(writer.entries) > before else quiet + 1
+    log(f"onnxruntime: {extra} random candidates after the cover; {len(writer.entries)} signatures in the profile")
+
+
+def _measure_missing(
+    target: Target, candidate: Candidate, settings: MeasureSettings, runtime: Runtime, writer: _Writer
+) -> list[OpSignature]:
+    """Measure the signatures of ``candidate`` not yet in the profile; return all its signatures."""
+    model, bits = target.builder.build(candidate)
+    shape = tuple(target.example_input.shape)
+    if runtime.name == "torch-eager":
+        units = [(sig, None) for sig in eager.eager_signatures(model, shape)]
+        for sig, _ in units:
+            if sig.key() not in writer.known:
+                module, inputs = eager.build_unit(sig)
+                writer.add(sig, _time(lambda module=module, inputs=inputs: module(*inputs), settings))
+        return [sig for sig, _ in units]
+    nodes = onnx_graph.model_units(model, target.example_input, bits, settings.threads)
+    for sig, unit in nodes:
+        if sig.key() not in writer.known:
+            writer.add(sig, _time(onnx_graph.unit_callable(unit, settings.threads), settings))
+    ort_map.learn(writer.unit_map, model, shape, bits, nodes)
+    return [sig for sig, _ in nodes]
+
+
+def _calibrate(
+    target: Target, settings: MeasureSettings, runtime: Runtime, writer: _Writer, log: Callable[[str], None]
+) -> None:
+    rng = random.Random(CALIBRATION_SEED)
+    done = {(s.model, s.candidate) for s in writer.samples}
+    candidates = [target.builder.sample(rng) for _ in range(settings.calibration)]
+    todo = [c for c in candidates if (target.model_name, candidate_label(c)) not in done]
+    if todo:
+        log(f"calibration: timing {len(todo)} candidates of {target.model_name} end to end")
+    progress = Progress("calibrate", len(todo) * (1 + CALIBRATION_PASSES), "steps")
+    pending = []
+    with ExitStack() as stack:
+        for i, candidate in enumerate(todo):
+            sigs = _measure_missing(target, candidate, settings, runtime, writer)
+            profile = writer.save(force=True)
+            try:
+                lut_ms = sum(lookup(profile, sig)[0] for sig in sigs)
+            except UnpredictableSignature as err:  # cannot happen: every signature was just measured
+                raise AutocompressError(f"calibration: {err}") from None
+            model, bits = target.builder.build(candidate)
+            run = stack.enter_context(runtime.end_to_end(model, target.example_input, bits, settings.threads))
+            pending.append((candidate, len(sigs), lut_ms, run))
+            progress.update(i + 1, note="preparing")
+        # Separate passes, quietest median per candidate: a burst of other load must hit a candidate twice.
+        measured = [float("inf")] * len(pending)
+        for p in range(CALIBRATION_PASSES):
+            for i, (_, _, _, run) in enumerate(pending):
+                measured[i] = min(measured[i], _time(run, settings).median_ms)
+                progress.update(len(todo) * (1 + p) + i + 1, note=f"timing, pass {p + 1}/{CALIBRATION_PASSES}")
+    for (candidate, n_ops, lut_ms, _), ms in zip(pending, measured, strict=True):
+        writer.samples.append(
+            CalibrationSample(
+                model=target.model_name,
+                candidate=candidate_label(candidate),
+                n_ops=n_ops,
+                lut_ms=lut_ms,
+                measured_ms=ms,
+            )
+        )
+    progress.close()
+    writer.save(force=True, overhead=fit_overhead(writer.samples))

@@ -1,0 +1,321 @@
+"""Latency from a profile: the sum of the LUT entries of a model's operators plus fitted overhead.
+
+``predicted = scale[model] * sum(LUT[op] for op in ops) + constant[model] + per_op * len(ops)``
+
+Isolated timing misses what happens *between* operators and around the model call (dispatch
+between modules, container ``forward`` calls, the session run and tensor conversion), and it runs
+each operator with its weights hot in cache, which a model larger than the cache never does
+(ResNet-18's 45 MB of weights stream from L3 on every call: its convolutions ran ~20% slower in the
+model than alone on the machine the shipped profiles come from). So the overhead terms are fitted
+by least squares on end-to-end measurements of a handful of random candidates
+(:func:`fit_overhead`). The fit minimises *relative* error (rows weighted by 1/measured), which is
+what the validation reports. The per-op term is only identifiable when the operator count varies
+between candidates of one model (int8 layers add quantize nodes, low-rank adds layers); when it
+does not, it is fixed at 0 and the per-model constant absorbs it. The scale needs at least
+``MIN_SCALE_SAMPLES`` samples of a model; with fewer it stays 1.
+
+A signature missing from the LUT is interpolated over channel counts between measured neighbours of
+its family (same op, kernel, stride, input size, dtype, batch): bilinear in (in, out) — exact for
+``a + b*in + c*out + d*in*out``, the cost shape of a convolution or matmul — or linear for
+channel-wise ops (in = out). Failing a bracketing grid, a least-squares fit of that same form on
+the family, only inside the family's measured range. Interpolated operators are flagged in the
+result; a signature that cannot be predicted raises :class:`UnpredictableSignature` naming it.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from autocompress.errors import AutocompressError
+from autocompress.hw_profiles.eager import eager_signatures
+from autocompress.hw_profiles.host import cpu_model, runtime_version
+from autocompress.hw_profiles.ort_map import mapped_keys
+from autocompress.hw_profiles.profile import CalibrationSample, LutEntry, OpSignature, Overhead, Profile
+from autocompress.hw_profiles.runtimes import get_runtime
+
+MIN_SCALE_SAMPLES = 4
+
+
+class UnpredictableSignature(AutocompressError):
+    """An operator's signature is not in the profile and cannot be interpolated; the message names it."""
+
+
+class ProfileMismatchWarning(UserWarning):
+    """The profile was measured on another CPU or runtime version than the one running now."""
+
+
+@dataclass(frozen=True)
+class OpLatency:
+    """One operator's predicted latency and where it came from."""
+
+    signature: str
+    ms: float
+    interpolated: bool
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted end-to-end latency of one model on one profile, with its parts."""
+
+    latency_ms: float
+    lut_ms: float  # raw sum of the operators' LUT entries
+    scale: float  # the model's fitted scale on that sum
+    overhead_ms: float  # constant + per-op terms
+    n_ops: int
+    profile: str
+    model: str
+    ops: tuple[OpLatency, ...]
+    model_overhead: bool  # False: the model had no fitted constant, the profile's default was used
+    source: str = "signatures"  # how the operators were found: "structure", "unit map", "deployed graph"
+
+    @property
+    def interpolated(self) -> tuple[str, ...]:
+        """Signatures of the operators that were interpolated rather than measured."""
+        return tuple(op.signature for op in self.ops if op.interpolated)
+
+    @property
+    def exact(self) -> bool:
+        """True when every operator had a measured LUT entry."""
+        return not any(op.interpolated for op in self.ops)
+
+
+def model_key(model: nn.Module) -> str:
+    """The name a model's fitted overhead is stored under: its class's qualified name."""
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# --- lookup and interpolation ----------------------------------------------------------------
+
+
+def _bracket(values: Sequence[int], target: int) -> list[tuple[int, int]]:
+    """(low, high) pairs around ``target`` from ``values``, tightest first; (t, t) if measured."""
+    if target in values:
+        return [(target, target)]
+    lows = sorted((v for v in values if v < target), reverse=True)
+    highs = sorted(v for v in values if v > target)
+    pairs = [(lo, hi) for lo in lows for hi in highs]
+    return sorted(pairs, key=lambda p: p[1] - p[0])
+
+
+def _lerp(x: int, x0: int, x1: int, y0: float, y1: float) -> float:
+    return y0 if x0 == x1 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def _interpolate(sig: OpSignature, family: list[LutEntry]) -> float | None:
+    points = {(e.signature.in_channels, e.signature.out_channels): e.median_ms for e in family}
+    channelwise = sig.in_channels == sig.out_channels and all(i == o for i, o in points)
+    if channelwise:
+        by_c = {i: ms for (i, _), ms in points.items()}
+        for lo, hi in _bracket(list(by_c), sig.in_channels)[:1]:
+            return _lerp(sig.in_channels, lo, hi, by_c[lo], by_c[hi])
+        return None
+    ins = sorted({i for i, _ in points})
+    outs = sorted({o for _, o in points})
+    for i0, i1 in _bracket(ins, sig.in_channels):
+        for o0, o1 in _bracket(outs, sig.out_channels):
+            corners = [(i0, o0), (i0, o1), (i1, o0), (i1, o1)]
+            if all(c in points for c in corners):
+                low = _lerp(sig.out_channels, o0, o1, points[(i0, o0)], points[(i0, o1)])
+                high = _lerp(sig.out_channels, o0, o1, points[(i1, o0)], points[(i1, o1)])
+                return _lerp(sig.in_channels, i0, i1, low, high)
+    # No full grid cell around the target: fit a + b*in + c*out + d*in*out on the family, inside its range.
+    if len(points) >= 4 and ins[0] <= sig.in_channels <= ins[-1] and outs[0] <= sig.out_channels <= outs[-1]:
+        xy = np.array(list(points), dtype=float)
+        design = np.column_stack([np.ones(len(xy)), xy[:, 0], xy[:, 1], xy[:, 0] * xy[:, 1]])
+        if np.linalg.matrix_rank(design) == 4:
+            coef, *_ = np.linalg.lstsq(design, np.array(list(points.values())), rcond=None)
+            i, o = sig.in_channels, sig.out_channels
+            value = float(coef @ np.array([1.0, i, o, i * o]))
+            if value > 0:
+                return value
+    return None
+
+
+def lookup(profile: Profile, sig: OpSignature) -> tuple[float, bool]:
+    """(median ms, interpolated) for ``sig``; :class:`UnpredictableSignature` if neither works."""
+    entry = profile.table.get(sig.key())
+    if entry is not None:
+        return entry.median_ms, False
+    cache = _interpolation_cache(profile)
+    key = sig.key()
+    if key not in cache:
+        family = profile.families.get(sig.family(), [])
+        cache[key] = _interpolate(sig, family) if family else None
+    value = cache[key]
+    if value is None:
+        family = profile.families.get(sig.family(), [])
+        if not family:
+            why = "no entry with this op, kernel, stride, input size, dtype and batch"
+        else:
+            ins = sorted({e.signature.in_channels for e in family})
+            outs = sorted({e.signature.out_channels for e in family})
+            why = f"outside the measured channels of its family (in {ins}, out {outs})"
+        raise UnpredictableSignature(
+            f"profile {profile.id!r} cannot predict operator {key}: {why}; measure it with "
+            "`autocompress profile measure` on an experiment whose space produces it"
+        )
+    return value, True
+
+
+_CACHES: dict[int, tuple[Profile, dict[str, float | None]]] = {}
+
+
+def _interpolation_cache(profile: Profile) -> dict[str, float | None]:
+    # Keyed by id() with the profile kept alive alongside, so a recycled id never hits a stale cache.
+    held = _CACHES.get(id(profile))
+    if held is None or held[0] is not profile:
+        held = _CACHES[id(profile)] = (profile, {})
+    return held[1]
+
+
+# --- overhead --------------------------------------------------------------------------------
+
+
+def overhead_terms(overhead: Overhead, model: str, n_ops: int) -> tuple[float, float, bool]:
+    """(scale, constant + per-op ms, whether the model had its own fitted terms)."""
+    own = model in overhead.constant_ms
+    constant = overhead.constant_ms[model] if own else overhead.default_constant_ms
+    scale = overhead.scale.get(model, overhead.default_scale) if own else overhead.default_scale
+    return scale, constant + overhead.per_op_ms * n_ops, own
+
+
+def fit_overhead(samples: Sequence[CalibrationSample]) -> Overhead:
+    """Least-squares fit of per-model scale and constant and a shared per-op term to the measurements.
+
+    Solves ``measured = scale[m] * lut + constant[m] + per_op * n_ops`` with rows weighted by
+    1/measured (relative error). The per-op term is dropped (0) when the operator count does not vary
+    within any model, since it is then indistinguishable from the constants; a model with fewer than
+    ``MIN_SCALE_SAMPLES`` samples (or no spread in its LUT sums) keeps scale 1. Models without samples
+    get the medians of the fitted scales and constants.
+    """
+    if not samples:
+        return Overhead()
+    models = sorted({s.model for s in samples})
+    scaled = [
+        m
+        for m in models
+        if sum(s.model == m for s in samples) >= MIN_SCALE_SAMPLES
+        and np.ptp([s.lut_ms for s in samples if s.model == m]) > 0
+    ]
+    identifiable = any(len({s.n_ops for s in samples if s.model == m}) > 1 for m in models)
+    columns = len(models) + len(scaled) + int(identifiable)
+    design = np.zeros((len(samples), columns))
+    target = np.array([s.measured_ms for s in samples])
+    for r, s in enumerate(samples):
+        design[r, models.index(s.model)] = 1.0
+        if s.model in scaled:
+            design[r, len(models) + scaled.index(s.model)] = s.lut_ms
+        else:
+            target[r] -= s.lut_ms  # scale fixed at 1
+        if identifiable:
+            design[r, -1] = s.n_ops
+    weights = 1.0 / np.array([s.measured_ms for s in samples])
+    coef, *_ = np.linalg.lstsq(design * weights[:, None], target * weights, rcond=None)
+    constants = {m: float(coef[i]) for i, m in enumerate(models)}
+    scales = {m: (float(coef[len(models) + scaled.index(m)]) if m in scaled else 1.0) for m in models}
+    fitted = Overhead(
+        per_op_ms=float(coef[-1]) if identifiable else 0.0,
+        constant_ms=constants,
+        default_constant_ms=float(np.median(list(constants.values()))),
+        scale=scales,
+        default_scale=float(np.median(list(scales.values()))),
+    )
+    errors = []
+    for s in samples:
+        scale, extra, _ = overhead_terms(fitted, s.model, s.n_ops)
+        errors.append(abs(scale * s.lut_ms + extra - s.measured_ms) / s.measured_ms * 100)
+    return fitted.model_copy(update={"residual_pct": float(np.median(errors))})
+
+
+# --- prediction ------------------------------------------------------------------------------
+
+
+def _prediction(ops: list[OpLatency], profile: Profile, model: str, source: str) -> Prediction:
+    total = sum(op.ms for op in ops)
+    scale, extra, own = overhead_terms(profile.overhead, model, len(ops))
+    return Prediction(
+        latency_ms=scale * total + extra,
+        lut_ms=total,
+        scale=scale,
+        overhead_ms=extra,
+        n_ops=len(ops),
+        profile=profile.id,
+        model=model,
+        ops=tuple(ops),
+        model_overhead=own,
+        source=source,
+    )
+
+
+def predict_signatures(
+    sigs: Sequence[OpSignature], profile: Profile, model: str = "", source: str = "signatures"
+) -> Prediction:
+    """Predict from a list of signatures (the arithmetic of :func:`predict`, without a model)."""
+    ops = []
+    for sig in sigs:
+        ms, interpolated = lookup(profile, sig)
+        ops.append(OpLatency(sig.key(), ms, interpolated))
+    return _prediction(ops, profile, model, source)
+
+
+@functools.cache
+def _host_facts(runtime: str) -> tuple[str, str]:
+    return cpu_model(), runtime_version(runtime)
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def check_host(profile: Profile) -> list[str]:
+    """Differences between where ``profile`` was measured and this machine; each warned about once."""
+    cpu, version = _host_facts(profile.runtime.name)
+    problems = []
+    if profile.host.cpu != cpu:
+        problems.append(f"measured on CPU {profile.host.cpu!r}, running on {cpu!r}")
+    if profile.runtime.version != version:
+        problems.append(f"measured with {profile.runtime.name} {profile.runtime.version}, running {version}")
+    for problem in problems:
+        if (profile.id, problem) not in _WARNED:
+            _WARNED.add((profile.id, problem))
+            warnings.warn(
+                f"hardware profile {profile.id!r} {problem}: its latency predictions may not hold here",
+                ProfileMismatchWarning,
+                stacklevel=3,
+            )
+    return problems
+
+
+def predict(
+    model: nn.Module, example_input: torch.Tensor, profile: Profile, bits: dict[str, int] | None = None
+) -> Prediction:
+    """Predict the end-to-end latency of ``model`` on ``example_input`` from ``profile``.
+
+    ``model`` is the compressed, plain ``nn.Module`` a trial produced; ``bits`` (layer -> bit-width)
+    matters only on a runtime with int8 kernels (ONNX Runtime), where 8-bit layers are deployed as
+    int8. Torch eager: about a millisecond (the model's structure is traced once and cached).
+    ONNX Runtime: the same, through the profile's unit map (:mod:`.ort_map`) when it knows every
+    unit; otherwise the candidate is deployed and ORT-optimized to read its real nodes (0.1-1 s).
+    ``Prediction.source`` says which.
+    Warns (:class:`ProfileMismatchWarning`) when the profile comes from another CPU or runtime
+    version; raises :class:`UnpredictableSignature` for an operator it cannot predict.
+    """
+    check_host(profile)
+    runtime = get_runtime(profile.runtime.name)
+    name = model_key(model)
+    if runtime.name == "torch-eager":
+        return predict_signatures(eager_signatures(model, tuple(example_input.shape)), profile, name, "structure")
+    if profile.unit_map:
+        keys = mapped_keys(profile.unit_map, model, tuple(example_input.shape), bits)
+        if keys is not None:
+            ops = [OpLatency(key, profile.table[key].median_ms, False) for key in keys]
+            return _prediction(ops, profile, name, "unit map")
+    sigs = runtime.signatures(model, example_input, bits, profile.host.threads)
+    return predict_signatures(sigs, profile, name, "deployed graph")

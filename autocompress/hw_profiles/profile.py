@@ -1,0 +1,316 @@
+"""The hardware-profile file: versioned JSON, validated on load (pydantic, like the experiment schema).
+
+A profile says where and how it was measured (CPU, cores, threads, runtime and its version, the
+bit-widths that have real kernels there, the date) and holds the lookup table: one entry per
+operator signature (op kind, channels or features, kernel, stride, padding, groups, input size,
+dtype, batch) with the median and p90 latency of its isolated measurement and the repeat count.
+Next to the table: the fitted overhead terms (per-model scale and constant, per-op cost), the
+end-to-end samples they were fitted on (so adding a model refits everything), validation
+summaries, and for ONNX Runtime the unit map that makes its predictions fast (:mod:`.ort_map`).
+
+The LUT is a JSON list (not a mapping keyed by a string) so every field of a signature is typed
+and checked; :meth:`Profile.table` indexes it by :meth:`OpSignature.key` once per loaded profile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from autocompress.errors import AutocompressError
+
+FORMAT_VERSION = 1
+RUNTIMES = ("torch-eager", "onnxruntime")
+DTYPES = ("fp32", "int8")
+DTYPE_BITS = {"fp32": 32, "int8": 8}
+
+
+class ProfileError(AutocompressError):
+    """A profile file is missing, not JSON, or does not match the format; the message says where."""
+
+
+class _Strict(BaseModel):
+    # forbid: a misspelt key in a hand-edited profile must be an error, not a silently ignored field.
+    model_config = ConfigDict(extra="forbid")
+
+
+def _dims(values: tuple[int, ...]) -> str:
+    return "x".join(str(v) for v in values) if values else "-"
+
+
+class OpSignature(_Strict):
+    """What determines one operator's latency: the LUT key.
+
+    ``op`` is the unit that runs (``conv2d+bn+relu`` in torch eager, ``nchwc.Conv+Relu`` or
+    ``QLinearConv`` in ONNX Runtime); ``in_channels``/``out_channels`` are channels or features (0
+    where meaningless); ``input_size`` is the input's spatial size (token positions for a Linear);
+    ``extra`` holds the remaining settings that select a different kernel (bias, dilation, fused
+    inputs), as sorted ``name=value`` pairs.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op: str = Field(min_length=1)
+    in_channels: int = Field(ge=0)
+    out_channels: int = Field(ge=0)
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    groups: int = Field(default=1, ge=1)
+    input_size: tuple[int, ...] = ()
+    dtype: Literal["fp32", "int8"] = "fp32"
+    batch: int = Field(default=1, ge=1)
+    extra: str = ""
+
+    def family(self) -> str:
+        """The key without the channel counts: signatures that differ only in channels share it."""
+        return (
+            f"{self.op}|k{_dims(self.kernel)}|s{_dims(self.stride)}|p{_dims(self.padding)}|g{self.groups}"
+            f"|in{_dims(self.input_size)}|{self.dtype}|b{self.batch}|{self.extra}"
+        )
+
+    def key(self) -> str:
+        """A unique, readable string for this signature (what errors and reports print)."""
+        return f"{self.in_channels}->{self.out_channels}|{self.family()}"
+
+
+class LutEntry(_Strict):
+    """One measured signature: median and p90 latency (ms) over ``repeats`` timed samples."""
+
+    signature: OpSignature
+    median_ms: float = Field(gt=0)
+    p90_ms: float = Field(gt=0)
+    repeats: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _p90_not_below_median(self) -> LutEntry:
+        if self.p90_ms < self.median_ms:
+            raise ValueError(f"p90_ms {self.p90_ms} is below median_ms {self.median_ms} for {self.signature.key()}")
+        return self
+
+
+class HostInfo(_Strict):
+    """The machine the profile was measured on."""
+
+    cpu: str = Field(min_length=1)
+    cores: int = Field(ge=1, description="logical CPUs of the machine")
+    threads: int = Field(ge=1, description="intra-op threads used for every measurement")
+    machine: str = ""
+    os: str = ""
+
+
+class RuntimeInfo(_Strict):
+    """The runtime that executed the operators, its version, and what has real kernels there."""
+
+    name: Literal["torch-eager", "onnxruntime"]
+    version: str = Field(min_length=1)
+    dtypes: list[Literal["fp32", "int8"]] = Field(min_length=1)
+    kernel_bits: list[int] = Field(min_length=1, description="weight bit-widths with real kernels (32 = fp32)")
+
+    @model_validator(mode="after")
+    def _bits_match_dtypes(self) -> RuntimeInfo:
+        expected = sorted((DTYPE_BITS[d] for d in self.dtypes), reverse=True)
+        if sorted(self.kernel_bits, reverse=True) != expected:
+            raise ValueError(f"kernel_bits {self.kernel_bits} do not match dtypes {self.dtypes} (expected {expected})")
+        return self
+
+
+class MeasurementInfo(_Strict):
+    """How each LUT entry was timed."""
+
+    warmup_ms: float = Field(ge=0)
+    repeats: int = Field(ge=3)
+    min_sample_ms: float = Field(gt=0)
+    pinned_cpu: int | None = None
+
+
+class CalibrationSample(_Strict):
+    """One end-to-end measurement used to fit the overhead terms."""
+
+    model: str = Field(min_length=1)
+    candidate: str = ""
+    n_ops: int = Field(ge=1)
+    lut_ms: float = Field(ge=0)
+    measured_ms: float = Field(gt=0)
+
+
+class Overhead(_Strict):
+    """Fitted terms: ``latency = scale[model] * LUT sum + constant_ms[model] + per_op_ms * operators``.
+
+    The per-op term is the framework's dispatch cost between operators that isolated timing does not
+    see; the per-model constant is what one call of the whole model costs beyond its operators
+    (container modules, input/output conversion, session run); the per-model scale is the memory
+    hierarchy: an operator timed alone runs with its weights hot in cache, inside a model whose
+    weights exceed the cache it does not. Models without samples use the ``default_*`` values.
+    """
+
+    per_op_ms: float = 0.0
+    constant_ms: dict[str, float] = Field(default_factory=dict)
+    default_constant_ms: float = 0.0
+    scale: dict[str, float] = Field(default_factory=dict)
+    default_scale: float = Field(default=1.0, gt=0)
+    residual_pct: float | None = Field(default=None, description="median |error| % of the fit on its samples")
+
+
+class ValidationRow(_Strict):
+    """One validated candidate: predicted vs measured end-to-end latency."""
+
+    candidate: str
+    predicted_ms: float
+    measured_ms: float
+    abs_error_pct: float
+    interpolated_ops: int = 0
+    source: str = Field(default="", description="how the prediction found the operators (Prediction.source)")
+
+
+class ValidationSummary(_Strict):
+    """A validation run recorded in the profile: error statistics and the rows behind them."""
+
+    model: str
+    experiment: str
+    n: int = Field(ge=1)
+    median_abs_error_pct: float
+    p90_abs_error_pct: float
+    max_abs_error_pct: float
+    measured_at: str
+    command: str = ""
+    rows: list[ValidationRow] = Field(default_factory=list)
+
+
+class Profile(_Strict):
+    """A hardware profile: metadata, the LUT, fitted overhead, calibration samples, validation summaries."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    description: str = ""
+    host: HostInfo
+    runtime: RuntimeInfo
+    measured_at: str = Field(min_length=1, description="ISO date (UTC) of the latest measurement")
+    measurement: MeasurementInfo
+    lut: list[LutEntry] = Field(default_factory=list)
+    overhead: Overhead = Field(default_factory=Overhead)
+    calibration: list[CalibrationSample] = Field(default_factory=list)
+    validation: list[ValidationSummary] = Field(default_factory=list)
+    unit_map: dict[str, list[str] | None] = Field(
+        default_factory=dict,
+        description="ONNX Runtime only: eager unit proxy -> the ORT node signatures it becomes (null: ambiguous)",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Profile:
+        keys = {entry.signature.key() for entry in self.lut}
+        for proxy, nodes in self.unit_map.items():
+            missing = [k for k in nodes or [] if k not in keys]
+            if missing:
+                raise ValueError(f"unit_map[{proxy!r}] names {missing[0]}, which has no LUT entry")
+        seen: set[str] = set()
+        for i, entry in enumerate(self.lut):
+            key = entry.signature.key()
+            if key in seen:
+                raise ValueError(f"lut[{i}]: signature {key} appears twice")
+            seen.add(key)
+            if entry.signature.dtype not in self.runtime.dtypes:
+                raise ValueError(
+                    f"lut[{i}]: signature {key} has dtype {entry.signature.dtype!r}, not one of the runtime's "
+                    f"dtypes {self.runtime.dtypes}"
+                )
+        return self
+
+    @cached_property
+    def table(self) -> dict[str, LutEntry]:
+        """The LUT indexed by signature key (built once; a profile is not edited after loading)."""
+        return {entry.signature.key(): entry for entry in self.lut}
+
+    @cached_property
+    def families(self) -> dict[str, list[LutEntry]]:
+        """LUT entries grouped by :meth:`OpSignature.family` (what interpolation searches)."""
+        result: dict[str, list[LutEntry]] = {}
+        for entry in self.lut:
+            result.setdefault(entry.signature.family(), []).append(entry)
+        return result
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    elif first["type"] not in ("value_error", "assertion_error") and "input" in first:
+        msg = f"{msg} (got {repr(first['input'])[:60]})"
+    more = len(err.errors()) - 1
+    return f"{source}: {loc}: {msg}" + (f" [+{more} more problem{'s' if more > 1 else ''}]" if more else "")
+
+
+def parse_profile(data: object, source: str = "<profile>") -> Profile:
+    """Validate parsed JSON into a :class:`Profile`; :class:`ProfileError` names the key path and problem."""
+    if not isinstance(data, dict):
+        raise ProfileError(f"{source}: a profile must be a JSON object, got {type(data).__name__}")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ProfileError(f"{source}: format_version {version!r} is not supported (this autocompress reads 1)")
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as err:
+        raise ProfileError(_format_error(source, err)) from None
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile JSON file (a path, or the id of a shipped profile)."""
+    path = resolve_profile_path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ProfileError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from None
+    except OSError as err:
+        raise ProfileError(f"{path}: cannot read ({err.strerror})") from None
+    return parse_profile(data, str(path))
+
+
+def save_profile(profile: Profile, path: str | Path) -> Path:
+    """Write ``profile`` atomically (temp file + rename): a kill mid-write leaves the old file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(profile.model_dump(mode="json"), indent=1) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def shipped_profiles() -> dict[str, Path]:
+    """The profiles shipped with autocompress (package data), by id (the file name without ``.json``)."""
+    folder = resources.files("autocompress.hw_profiles")
+    return {
+        entry.name[: -len(".json")]: Path(str(entry))
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".json")
+    }
+
+
+def resolve_profile_path(name_or_path: str | Path) -> Path:
+    """A profile file: an existing path, or the id of a shipped profile; else :class:`ProfileError`."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_profiles()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    known = ", ".join(shipped) or "none"
+    raise ProfileError(f"{name_or_path}: no such profile file, nor a shipped profile id (shipped: {known})")

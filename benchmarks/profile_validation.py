@@ -1,0 +1,84 @@
+"""Validate hardware profiles on the built-in models, repeatedly, and record the results in the profiles.
+
+For each profile and each model (the ``digits`` CNN of ``experiments/digits_cnn.yaml``, and the
+ResNet-18-style ``autocompress.models:resnet18_cifar`` at 3x32x32 under the same space settings)
+runs ``profile validate`` ``--rounds`` times with different candidate draws, prints every round's
+median / p90 / max absolute % error and the prediction time, and (with ``--record``) stores the
+first round's summary in the profile file, as ``autocompress profile validate --record`` would.
+Run it on a quiet machine: the end-to-end measurements are the reference.
+
+    python benchmarks/profile_validation.py autocompress/hw_profiles/xeon-torch-eager-1t.json \\
+        autocompress/hw_profiles/xeon-onnxruntime-1t.json --n 30 --rounds 3 --record
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+from autocompress.hw_profiles.measure import default_cpu
+from autocompress.hw_profiles.profile import load_profile, save_profile
+from autocompress.hw_profiles.target import load_target
+from autocompress.hw_profiles.validate import VALIDATION_SEED, validate_profile
+
+EXPERIMENT = "experiments/digits_cnn.yaml"
+MODELS = {
+    "digits": (None, None),
+    "resnet18": ("autocompress.models:resnet18_cifar", (3, 32, 32)),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("profiles", nargs="+", type=Path, help="profile JSON files to validate")
+    parser.add_argument(
+        "--experiment", default=EXPERIMENT, help=f"experiment supplying the space (default {EXPERIMENT})"
+    )
+    parser.add_argument("--n", type=int, default=30, help="candidates per round (default 30)")
+    parser.add_argument("--rounds", type=int, default=2, help="validation rounds per profile and model (default 2)")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/profile_validation"), help="report files")
+    parser.add_argument("--record", action="store_true", help="store the first round's summary in each profile")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    args = parser.parse_args()
+
+    targets = {name: load_target(args.experiment, *MODELS[name]) for name in args.models}
+    lines = []
+    for path in args.profiles:
+        profile = load_profile(path)
+        recorded = list(profile.validation)
+        for name, target in targets.items():
+            ref, shape = MODELS[name]
+            for round_ in range(args.rounds):
+                seed = VALIDATION_SEED + round_
+                parts = ["autocompress", "profile", "validate", str(path), "--experiment", args.experiment]
+                if ref:
+                    parts += ["--model", ref, "--input-shape", ",".join(map(str, shape))]
+                parts += ["--n", str(args.n)] + (["--seed", str(seed)] if round_ else [])
+                report = validate_profile(
+                    profile,
+                    target,
+                    args.n,
+                    seed=seed,
+                    cpu=default_cpu(),
+                    out_dir=args.out_dir / f"round{round_}",
+                    command=shlex.join(parts),
+                    log=lambda _: None,
+                )
+                s = report.summary
+                lines.append(
+                    f"{profile.id:<24} {name:<9} round {round_}: |error| median {s.median_abs_error_pct:5.2f}%  "
+                    f"p90 {s.p90_abs_error_pct:5.2f}%  max {s.max_abs_error_pct:5.2f}%  "
+                    f"predict {report.predict_ms_median:7.2f} ms/candidate"
+                )
+                print(lines[-1], flush=True)
+                if round_ == 0:
+                    recorded = [v for v in recorded if (v.model, v.experiment) != (s.model, s.experiment)] + [s]
+        if args.record:
+            save_profile(load_profile(path).model_copy(update={"validation": recorded}), path)
+    print("\n".join(["", *lines]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

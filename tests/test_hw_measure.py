@@ -1,0 +1,180 @@
+"""Hardware profiles on real models: signatures, the profiling builder, a tiny measure + validate run, resume."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from autocompress.cli import main
+from autocompress.compress.lowrank import layer_input_shapes
+from autocompress.compress.prune import prune
+from autocompress.evaluators.latency import torch_threads
+from autocompress.hw_profiles import load_profile, predict
+from autocompress.hw_profiles import measure as measure_mod
+from autocompress.hw_profiles.eager import build_unit, eager_signatures
+from autocompress.hw_profiles.measure import MeasureSettings, measure_profile
+from autocompress.hw_profiles.onnx_graph import model_units, unit_callable
+from autocompress.hw_profiles.target import load_target
+from autocompress.hw_profiles.validate import validate_profile
+from autocompress.models import resnet18_cifar
+from autocompress.tasks import load_task
+
+TINY = {
+    "name": "tiny_profile",
+    "task": {"name": "digits", "args": {"width": 8, "hidden": 16, "image_size": 16}},
+    "space": {
+        "prune": {"ratios": [0.0, 0.5]},
+        "quantize": {"bits": [32, 8]},
+        "distill": {"temperature": [2.0], "alpha": [0.5]},
+    },
+}
+FAST = {"repeats": 5, "warmup_ms": 2.0, "min_sample_ms": 0.2, "calibration": 3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    path = tmp_path_factory.mktemp("exp") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def target(experiment):
+    return load_target(experiment)
+
+
+def test_eager_signatures_follow_the_real_forward():
+    model = resnet18_cifar(width=8).eval()
+    x = torch.randn(2, 3, 32, 32)
+    sigs = eager_signatures(model, x.shape)
+    ops = [s.op for s in sigs]
+    assert ops[0] == "conv2d+bn+relu" and ops[-1] == "linear"
+    assert ops.count("add+relu") == 8  # one residual add per BasicBlock, ReLU fused into the unit
+    assert ops.count("conv2d+bn") == 8 + 3  # second conv of each block + three 1x1 shortcuts
+    # Every conv unit's input size and channels match what the model really sees.
+    shapes = layer_input_shapes(model, x)
+    convs = [s for s in sigs if s.op.startswith("conv2d")]
+    real = [(shape[0], shape[1:]) for name, shape in shapes.items() if name != "fc"]
+    assert sorted((s.in_channels, s.input_size) for s in convs) == sorted(real)
+    assert all(s.batch == 2 for s in sigs)
+
+
+def test_units_run_and_produce_the_signature_output():
+    model = load_task("digits", {"width": 8, "image_size": 16}).build_model().eval()
+    for sig in eager_signatures(model, (1, 1, 16, 16)):
+        module, inputs = build_unit(sig)
+        with torch.no_grad():
+            out = module(*inputs)
+        if sig.op.startswith(("conv", "linear")):
+            assert out.shape[1] == sig.out_channels
+
+
+def test_builder_matches_the_real_pruner(target):
+    rng = random.Random(0)
+    for _ in range(3):
+        candidate = target.builder.sample(rng)
+        fast, _ = target.builder.build(candidate)
+        real = prune(
+            copy.deepcopy(target.builder.model),
+            candidate.prune,
+            target.example_input,
+            round_to=target.builder.space.round_to,
+        )
+        assert {k: v.shape for k, v in fast.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+
+
+def test_tiny_measure_and_validate(experiment, target, tmp_path, capsys):
+    out = tmp_path / "eager.json"
+    profile = measure_profile(target, out, MeasureSettings(cpu=None, **FAST), log=lambda _: None)
+    assert load_profile(out) == profile
+    assert len(profile.lut) > 5 and len(profile.calibration) == 3
+    assert target.model_name in profile.overhead.constant_ms
+    # Every candidate of the space is predicted from measured entries only (the space was enumerated).
+    model, bits = target.builder.build(target.builder.sample(random.Random(1)))
+    prediction = predict(model, target.example_input, profile, bits)
+    assert prediction.exact and prediction.latency_ms > 0
+    report = validate_profile(profile, target, 4, out_dir=tmp_path / "report", repeats=5, log=print)
+    assert report.summary.n == 4 and len(report.summary.rows) == 4
+    assert all(r.measured_ms > 0 and r.predicted_ms > 0 for r in report.summary.rows)
+    assert {p.suffix for p in report.files} == {".csv", ".png", ".json"}
+    assert all(p.stat().st_size > 0 for p in report.files)
+    assert "|error| median" in capsys.readouterr().out
+
+
+def test_killed_measurement_resumes(target, tmp_path, monkeypatch):
+    out = tmp_path / "resume.json"
+    real_time = measure_mod.time_callable
+    calls = {"n": 0}
+
+    def dies_after_five(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real_time(*args, **kwargs)
+
+    monkeypatch.setattr(measure_mod, "time_callable", dies_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        measure_profile(target, out, MeasureSettings(cpu=None, **FAST), log=lambda _: None)
+    assert len(load_profile(out).lut) == 5  # what was measured before the kill is on disk
+    monkeypatch.setattr(measure_mod, "time_callable", real_time)
+    logs: list[str] = []
+    profile = measure_profile(target, out, MeasureSettings(cpu=None, **FAST), log=logs.append)
+    assert any("5 signatures already measured" in line for line in logs)
+    fresh = measure_profile(target, tmp_path / "fresh.json", MeasureSettings(cpu=None, **FAST), log=lambda _: None)
+    assert {e.signature.key() for e in profile.lut} == {e.signature.key() for e in fresh.lut}
+
+
+def test_resume_refuses_another_setup(target, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    measure_profile(target, out, MeasureSettings(cpu=None, **{**FAST, "calibration": 1}), log=lambda _: None)
+    with pytest.raises(Exception, match="threads"):
+        measure_profile(target, out, MeasureSettings(cpu=None, threads=2, **FAST), log=lambda _: None)
+
+
+def test_tiny_onnxruntime_measure_and_validate(tmp_path, monkeypatch):
+    """The ONNX Runtime path end to end on a very small space (int8 on or off for two layers)."""
+    exp = tmp_path / "ort.yaml"
+    spec = {
+        **TINY,
+        "space": {**TINY["space"], "include": ["features.conv5.conv", "fc1"], "prune": {"ratios": [0.0, 0.5]}},
+    }
+    exp.write_text(yaml.safe_dump(spec))
+    ort_target = load_target(exp)
+    monkeypatch.setattr(measure_mod, "PATIENCE", 2)
+    settings = MeasureSettings(runtime="onnxruntime", cpu=None, **{**FAST, "calibration": 2})
+    profile = measure_profile(ort_target, tmp_path / "ort.json", settings, log=lambda _: None)
+    assert profile.runtime.name == "onnxruntime" and {"fp32", "int8"} <= {e.signature.dtype for e in profile.lut}
+    report = validate_profile(profile, ort_target, 2, repeats=5, log=lambda _: None)
+    assert report.summary.n == 2 and all(r.measured_ms > 0 for r in report.summary.rows)
+
+
+def test_onnxruntime_nodes_run_alone():
+    """ORT's optimized graph, int8 included, becomes one-node models that run on their recorded shapes."""
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 4)).eval()
+    x = torch.randn(1, 1, 8, 8)
+    fp32 = model_units(model, x, None, 1)
+    int8 = model_units(model, x, {"0": 8, "3": 8}, 1)
+    assert all(sig.dtype == "fp32" for sig, _ in fp32)
+    assert any(sig.op.endswith("QLinearConv") for sig, _ in int8)
+    assert any(sig.dtype == "int8" for sig, _ in int8)
+    for sig, unit in fp32 + int8:
+        unit_callable(unit, 1)()
+        assert sig.batch == 1
+
+
+def test_profile_list_shows_shipped_profiles(capsys):
+    assert main(["profile", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "torch-eager" in out and "onnxruntime" in out
+    assert "validated on DigitsCNN" in out and "validated on ResNetCifar" in out
