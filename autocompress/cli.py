@@ -13,6 +13,8 @@ from pathlib import Path
 
 from autocompress import __version__
 from autocompress.errors import AutocompressError
+from autocompress.hw_profiles.cli import add_profile_commands
+from autocompress.verbs import add_review_commands
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -107,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     experiment_args(p)
     p.set_defaults(func=cmd_validate)
+    add_profile_commands(sub)
+    add_review_commands(sub)
     return parser
 
 

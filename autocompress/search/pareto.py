@@ -31,3 +31,26 @@ def non_dominated(points: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:
         if np.any(no_worse & better):
             mask[i] = False
     return mask
+
+
+def hypervolume(costs: np.ndarray, reference: Sequence[float]) -> float:
+    """Volume dominated by ``costs`` (n x k, lower is better) and bounded by ``reference``.
+
+    Exact, by slicing along the last axis (O(n^k log n), meant for k <= 3 and search-sized n).
+    Hand-written because Optuna's implementation is private API. Points not strictly better than
+    the reference in every column contribute nothing.
+    """
+    pts = np.asarray(costs, dtype=float).reshape(-1, len(reference))
+    ref = np.asarray(reference, dtype=float)
+    pts = pts[np.all(pts < ref, axis=1)]
+    if len(pts) == 0:
+        return 0.0
+    if pts.shape[1] == 1:
+        return float(ref[0] - pts[:, 0].min())
+    pts = pts[np.argsort(pts[:, -1])]
+    volume = 0.0
+    for i in range(len(pts)):
+        upper = pts[i + 1, -1] if i + 1 < len(pts) else ref[-1]
+        if upper > pts[i, -1]:
+            volume += hypervolume(pts[: i + 1, :-1], ref[:-1]) * (upper - pts[i, -1])
+    return volume

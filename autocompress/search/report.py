@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from autocompress.search.pareto import non_dominated
+from autocompress.search.pareto import hypervolume, non_dominated
 from autocompress.spaces.candidate import Candidate
 
 COLUMNS = {"accuracy": "accuracy", "latency": "latency_ms", "size": "size_bytes"}
@@ -91,6 +91,27 @@ def compute_fronts(
 ) -> dict[str, list[Row]]:
     """One Pareto front per latency profile the teacher was scored on."""
     return {p: pareto_rows(make_rows(records, teacher, p), objectives) for p in profiles_in(teacher)}
+
+
+HV_ACCURACY_WINDOW = 0.10  # accuracy reference: 10 points below the teacher
+
+
+def front_hypervolume(rows: Sequence[Row], teacher: dict[str, float], objectives: Sequence[str], profile: str) -> float:
+    """Hypervolume of ``rows`` in teacher-normalised units, against a reference point set by the teacher.
+
+    Costs: accuracy ``(teacher - acc) / 0.10`` (reference 1: ten points below the teacher),
+    latency ``latency / teacher latency`` and size ``size / teacher size`` (reference 1: no better
+    than the teacher). A candidate as accurate as the teacher at no cost scores 1; members slower,
+    larger or more than ten points worse than the teacher add nothing.
+    """
+    t_acc, t_lat, t_size = teacher["accuracy"], teacher[f"latency_ms.{profile}"], teacher["size_bytes"]
+    columns = {
+        "accuracy": lambda r: (t_acc - r.accuracy) / HV_ACCURACY_WINDOW,
+        "latency": lambda r: r.latency_ms / t_lat,
+        "size": lambda r: r.size_bytes / t_size,
+    }
+    costs = np.array([[columns[o](r) for o in objectives] for r in rows]).reshape(-1, len(objectives))
+    return hypervolume(costs, [1.0] * len(objectives))
 
 
 def format_table(rows: list[Row], teacher: dict[str, float], profile: str) -> str:

@@ -24,12 +24,16 @@ from optuna.trial import TrialState
 from autocompress.config import Experiment
 from autocompress.errors import AutocompressError
 from autocompress.hw_profiles import describe_host
+from autocompress.search.constraints import any_constraint, is_feasible, violations
+from autocompress.search.early_stop import Finished, HopelessRule, TrialStopped
 from autocompress.search.objectives import (
     DIRECTIONS,
     HOST,
+    Cost,
     TrialContext,
     make_context,
     measure,
+    metrics_from,
     objective_values,
     score_candidate,
 )
@@ -38,6 +42,7 @@ from autocompress.search.report import (
     TrialRecord,
     compute_fronts,
     format_table,
+    front_hypervolume,
     make_rows,
     plot_front,
     write_csv,
@@ -87,8 +92,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether a trial counts toward ``n_trials``: complete, or failed for a reason of its own."""
-    if trial.state == TrialState.COMPLETE:
+    """Whether a trial counts toward ``n_trials``: complete, stopped early, or failed for a reason of its own."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
     return trial.state == TrialState.FAIL and not trial.user_attrs.get(INTERRUPTED)
 
@@ -212,14 +217,22 @@ class _Progress:
         self.start = time.monotonic()
         self.session_trials = 0
 
-    def trial(self, number: int, metrics: dict[str, float] | None, front_size: int, reason: str = "") -> None:
+    def trial(
+        self,
+        number: int,
+        metrics: dict[str, float] | None,
+        front_size: int,
+        reason: str = "",
+        feasible: bool | None = None,
+        stopped: bool = False,
+    ) -> None:
         self.done += 1
         self.session_trials += 1
         elapsed = time.monotonic() - self.start
         eta = elapsed / self.session_trials * max(0, self.total - self.done)
         head = f"[{self.done:>{len(str(self.total))}}/{self.total}] trial {number:<4}"
-        if metrics is None:
-            body = f"FAILED  {reason[:90]}"
+        if metrics is None or stopped:
+            body = f"{'STOPPED' if stopped else 'FAILED'}  {reason[:100]}"
         else:
             t = self.teacher
             lat = metrics[f"latency_ms.{HOST}"]
@@ -228,6 +241,8 @@ class _Progress:
                 f"latency {lat:.3f} ms ({t[f'latency_ms.{HOST}'] / lat:.2f}x)  "
                 f"size {metrics['size_bytes'] / 1e3:.1f} kB"
             )
+            if feasible is not None:
+                body += "  feasible" if feasible else "  INFEASIBLE"
         self.log(f"{head} {body} | front {front_size} | {_duration(elapsed)} elapsed, ETA {_duration(eta)}")
 
 
@@ -300,7 +315,7 @@ def run_search(
 
         return run_ray_search(exp, resume=resume, retrain=retrain, log=log)
     setup = prepare_search(exp, retrain=retrain, log=log)
-    space, ctx, teacher_metrics = setup.space, setup.ctx, setup.teacher_metrics
+    space, teacher_metrics = setup.space, setup.teacher_metrics
     study, resumed = open_study(exp, space, resume)
     tracker = Tracker(exp.tracking_uri, exp.tracking.experiment or exp.name, exp.artifact_root)
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
@@ -317,19 +332,17 @@ def run_search(
     )
 
     done = sum(counted(t) for t in study.get_trials(deepcopy=False))
-    progress = _Progress(exp.search.n_trials, done, teacher_metrics, log)
+    loop = _OptunaLoop(
+        study, setup, exp, tracker, parent_id, _Progress(exp.search.n_trials, done, teacher_metrics, log)
+    )
     started = time.monotonic()
-    worker = _worker_id()
-    front_size = len(_fronts(study, exp, teacher_metrics)[HOST])
     status = "FINISHED"
     try:
         while done < exp.search.n_trials:
             if exp.search.timeout is not None and time.monotonic() - started > exp.search.timeout:
                 log(f"timeout of {exp.search.timeout:g}s reached after {done} finished trials")
                 break
-            front_size = _run_trial(
-                study, space, ctx, exp, tracker, parent_id, worker, progress, teacher_metrics, front_size
-            )
+            loop.run_one()
             done = sum(counted(t) for t in study.get_trials(deepcopy=False))
     except KeyboardInterrupt:
         status = "KILLED"
@@ -342,65 +355,140 @@ def run_search(
     return result
 
 
-def _run_trial(study, space, ctx, exp, tracker, parent_id, worker, progress, teacher_metrics, front_size) -> int:
-    trial = study.ask()
-    trial.set_user_attr("worker", worker)
-    candidate = space.suggest(trial)
-    run_id = tracker.start_run(f"trial-{trial.number}", parent_id, tags={"trial": trial.number, "state": "RUNNING"})
-    trial.set_user_attr("mlflow_run_id", run_id)
-    tracker.log(run_id, params=candidate.to_params())
+class _OptunaLoop:
+    """Runs one trial at a time against a study: ask, score, tell, log to MLflow, report progress."""
 
-    def on_epoch(epoch: int, metric: float | None) -> None:
-        if metric is not None:
-            tracker.log(run_id, metrics={"val_accuracy": metric}, step=epoch)
+    def __init__(self, study, setup: SearchSetup, exp: Experiment, tracker: Tracker, parent_id: str, progress):
+        self.study, self.setup, self.exp = study, setup, exp
+        self.tracker, self.parent_id, self.progress = tracker, parent_id, progress
+        self.worker = _worker_id()
 
-    started = time.monotonic()
-    try:
-        _, metrics = score_candidate(candidate, ctx, on_epoch=on_epoch)
-        values = objective_values(metrics, exp.objectives)
-    except KeyboardInterrupt:
-        trial.set_user_attr(INTERRUPTED, True)
-        study.tell(trial, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-        tracker.log(run_id, tags={"state": "FAIL", "fail_reason": "interrupted by the user"})
-        tracker.end_run(run_id, "KILLED")
-        raise
-    except Exception as err:  # noqa: BLE001 - failures are data: record the reason, go on
-        reason = f"{type(err).__name__}: {err}".strip()
-        trial.set_user_attr("fail_reason", reason)
-        study.tell(trial, state=TrialState.FAIL)
+    def _rule(self) -> HopelessRule | None:
+        config = self.exp.search.early_stop
+        if not config.enabled:
+            return None
+        finished = [
+            Finished(
+                costs=t.user_attrs["metrics"],
+                curve=t.user_attrs.get("val_curve", []),
+                final=t.user_attrs["metrics"]["accuracy"],
+            )
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "metrics" in t.user_attrs
+        ]
+        return HopelessRule(
+            finished, self.exp.objectives, config.margin, config.min_epochs, self.exp.search.constraints.min_accuracy
+        )
+
+    def _front_size(self) -> int:
+        return len(_fronts(self.study, self.exp, self.setup.teacher_metrics)[HOST])
+
+    def run_one(self) -> None:
+        study, tracker, exp = self.study, self.tracker, self.exp
+        trial = study.ask()
+        trial.set_user_attr("worker", self.worker)
+        candidate = self.setup.space.suggest(trial)
+        run_id = tracker.start_run(
+            f"trial-{trial.number}", self.parent_id, tags={"trial": trial.number, "state": "RUNNING"}
+        )
+        trial.set_user_attr("mlflow_run_id", run_id)
+        tracker.log(run_id, params=candidate.to_params())
+        rule, curve = self._rule(), []
+        cost_seen: list[Cost] = []
+
+        def on_epoch(epoch: int, accuracy: float | None, cost: Cost) -> None:
+            if accuracy is None:
+                return
+            curve.append(accuracy)
+            cost_seen[:] = [cost]
+            tracker.log(run_id, metrics={"val_accuracy": accuracy}, step=epoch)
+            reason = rule.check(epoch, accuracy, metrics_from(accuracy, cost).as_dict()) if rule else None
+            if reason:
+                raise TrialStopped(reason)
+
+        started = time.monotonic()
+        try:
+            _, metrics = score_candidate(candidate, self.setup.ctx, on_epoch=on_epoch)
+            values = objective_values(metrics, exp.objectives)
+        except KeyboardInterrupt:
+            trial.set_user_attr(INTERRUPTED, True)
+            study.tell(trial, state=TrialState.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            tracker.log(run_id, tags={"state": "FAIL", "fail_reason": "interrupted by the user"})
+            tracker.end_run(run_id, "KILLED")
+            raise
+        except TrialStopped as stop:
+            # Stopped trials keep what was measured: their costs and last accuracy, for the record.
+            partial = metrics_from(curve[-1], cost_seen[0]).as_dict()
+            trial.set_user_attr("stop_reason", str(stop))
+            trial.set_user_attr("val_curve", curve)
+            for key, value in violations(partial, exp.search.constraints).items():
+                trial.set_constraint(key, value)
+            study.tell(trial, state=TrialState.PRUNED)
+            tracker.log(
+                run_id,
+                metrics={**partial, "duration_s": time.monotonic() - started},
+                tags={"state": "PRUNED", "stop_reason": str(stop)},
+            )
+            tracker.end_run(run_id, "FINISHED")
+            self.progress.trial(trial.number, partial, self._front_size(), str(stop), stopped=True)
+            return
+        except Exception as err:  # noqa: BLE001 - failures are data: record the reason, go on
+            reason = f"{type(err).__name__}: {err}".strip()
+            trial.set_user_attr("fail_reason", reason)
+            study.tell(trial, state=TrialState.FAIL)
+            tracker.log(
+                run_id,
+                metrics={"duration_s": time.monotonic() - started},
+                tags={"state": "FAIL", "fail_reason": reason[:5000]},
+            )
+            tracker.end_run(run_id, "FAILED")
+            self.progress.trial(trial.number, None, self._front_size(), reason)
+            return
+        flat = metrics.as_dict()
+        limits = violations(flat, exp.search.constraints)
+        feasible = is_feasible(limits)
+        trial.set_user_attr("metrics", flat)
+        trial.set_user_attr("val_curve", curve)
+        for key, value in limits.items():
+            trial.set_constraint(key, value)
+        trial.set_user_attr("feasible", feasible)
+        study.tell(trial, values)
+        teacher = self.setup.teacher_metrics
+        speedups = {f"speedup.{p}": teacher[f"latency_ms.{p}"] / v for p, v in metrics.latency_ms.items()}
         tracker.log(
             run_id,
-            metrics={"duration_s": time.monotonic() - started},
-            tags={"state": "FAIL", "fail_reason": reason[:5000]},
+            metrics={**flat, **speedups, "duration_s": time.monotonic() - started},
+            tags={"state": "COMPLETE", "feasible": feasible},
         )
-        tracker.end_run(run_id, "FAILED")
-        progress.trial(trial.number, None, front_size, reason)
-        return front_size
-    flat = metrics.as_dict()
-    trial.set_user_attr("metrics", flat)
-    study.tell(trial, values)
-    speedups = {f"speedup.{p}": teacher_metrics[f"latency_ms.{p}"] / v for p, v in metrics.latency_ms.items()}
-    tracker.log(
-        run_id, metrics={**flat, **speedups, "duration_s": time.monotonic() - started}, tags={"state": "COMPLETE"}
-    )
-    tracker.end_run(run_id, "FINISHED")
-    front_size = len(_fronts(study, exp, teacher_metrics)[HOST])
-    progress.trial(trial.number, flat, front_size)
-    return front_size
+        tracker.end_run(run_id, "FINISHED")
+        shown = feasible if any_constraint(exp.search.constraints) else None
+        self.progress.trial(trial.number, flat, self._front_size(), feasible=shown)
 
 
-def trial_records(study: optuna.Study) -> list[TrialRecord]:
-    """The study's complete trials as backend-neutral records."""
+def trial_records(study: optuna.Study, feasible_only: bool = False) -> list[TrialRecord]:
+    """The study's complete trials as backend-neutral records (only those meeting the budgets if asked)."""
     return [
         TrialRecord(t.number, dict(t.params), t.user_attrs["metrics"], t.user_attrs.get("mlflow_run_id"))
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "metrics" in t.user_attrs
+        if "metrics" in t.user_attrs and (not feasible_only or t.user_attrs.get("feasible", True))
     ]
 
 
+def front_records(study: optuna.Study, exp: Experiment, log: Callable[[str], None] | None = None) -> list[TrialRecord]:
+    """The records fronts are computed from: the feasible ones when budgets are set and any is met."""
+    if not any_constraint(exp.search.constraints):
+        return trial_records(study)
+    feasible = trial_records(study, feasible_only=True)
+    if feasible:
+        return feasible
+    if log is not None:
+        log("no trial met search.constraints yet: the fronts below include infeasible trials")
+    return trial_records(study)
+
+
 def _fronts(study: optuna.Study, exp: Experiment, teacher: dict[str, float]) -> dict[str, list[Row]]:
-    return compute_fronts(trial_records(study), teacher, exp.objectives)
+    return compute_fronts(front_records(study, exp), teacher, exp.objectives)
 
 
 def publish_fronts(
@@ -423,14 +511,16 @@ def publish_fronts(
         artifacts += [csv_path, png_path]
         for path in (csv_path, png_path):
             tracker.log_artifact(parent_id, path, "fronts")
-        members = {r.trial for r in front}
-        for record in records:
-            if record.run_id:
-                tracker.log(record.run_id, tags={f"front.{profile}": record.number in members})
-        tracker.log(parent_id, metrics={f"front_size.{profile}": len(front)})
+        # Every trial run gets the tag (stopped, failed and infeasible ones too), so the MLflow UI
+        # can filter on front.<profile> = 'True' or 'False' alike.
+        members = {r.run_id for r in records if r.number in {row.trial for row in front}}
+        for run in tracker.child_runs(parent_id):
+            tracker.log(run.info.run_id, tags={f"front.{profile}": run.info.run_id in members})
+        volume = front_hypervolume(front, teacher, exp.objectives, profile)
+        tracker.log(parent_id, metrics={f"front_size.{profile}": len(front), f"hypervolume.{profile}": volume})
         log(
-            f"\nPareto front on profile '{profile}' ({len(front)} of {len(records)} complete trials; "
-            f"objectives: {', '.join(exp.objectives)}):"
+            f"\nPareto front on profile '{profile}' ({len(front)} of {len(records)} trials; "
+            f"objectives: {', '.join(exp.objectives)}; hypervolume {volume:.4f} vs the teacher reference):"
         )
         log(format_table(front, teacher, profile))
     return fronts, artifacts
@@ -442,7 +532,7 @@ def _finish(study, exp, tracker, parent_id, teacher, status, log) -> SearchResul
     trials = study.get_trials(deepcopy=False)
     finished = sum(counted(t) for t in trials)
     failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED) for t in trials)
-    fronts, artifacts = publish_fronts(trial_records(study), exp, teacher, tracker, parent_id, out_dir, log)
+    fronts, artifacts = publish_fronts(front_records(study, exp, log), exp, teacher, tracker, parent_id, out_dir, log)
     tracker.log(parent_id, metrics={"trials.finished": finished, "trials.failed": failed})
     tracker.end_run(parent_id, status)
     log(f"\n{finished} finished trial(s) ({failed} failed). Fronts: {out_dir}")

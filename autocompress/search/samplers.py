@@ -1,4 +1,9 @@
-"""Optuna samplers by name: NSGA-II (default), multivariate TPE, random (the baseline)."""
+"""Optuna samplers by name: NSGA-II (default), multivariate TPE, random (the baseline).
+
+Budgets reach NSGA-II and TPE through the constraint values each trial stores
+(``Trial.set_constraint``, see :mod:`autocompress.search.constraints`); random search ignores them
+by design.
+"""
 
 from __future__ import annotations
 

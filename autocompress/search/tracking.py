@@ -57,9 +57,10 @@ class Tracker:
             raise AutocompressError(f"tracking: cannot use MLflow store {tracking_uri!r} ({err})") from None
 
     # --- runs -------------------------------------------------------------------------------
-    def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, Any] | None = None) -> str:
         """Create a run (nested under ``parent_id`` if given); returns its id."""
-        all_tags = dict(tags or {})
+        # The REST store only takes string tag values (the SQLite store converts them itself).
+        all_tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent_id is not None:
             all_tags[PARENT_TAG] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
