@@ -167,6 +167,9 @@ class LatencyConfig(_Section):
     """
 
     runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    measure_host: bool = Field(
+        default=True, description="measure every candidate here (profile 'host'); false: hardware profiles only"
+    )
     threads: int = Field(default=1, ge=1, le=256)
     batch_size: int = Field(default=1, ge=1)
     warmup: int = Field(default=10, ge=0)
@@ -211,6 +214,11 @@ class SearchConfig(_Section):
     storage: str | None = Field(default=None, description="RDB URL; default sqlite in output_dir")
     study_name: str | None = None
     workers: int = Field(default=1, ge=1, description="trial processes sharing the study's storage")
+    primary_profile: str | None = Field(
+        default=None,
+        description="profile the optimizer steers on and budgets apply to: 'host' or one of profiles "
+        "(default: host when latency.measure_host, else the first profile)",
+    )
     constraints: ConstraintsConfig = Field(default_factory=ConstraintsConfig)
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -244,6 +252,9 @@ class Experiment(_Section):
     objectives: list[Literal["accuracy", "latency", "size"]] = Field(
         default_factory=lambda: ["accuracy", "latency", "size"]
     )
+    # Hardware profiles (shipped ids or JSON paths): every trial's latency is also predicted from
+    # each one's lookup table, and each gets a front of its own.
+    profiles: list[str] = Field(default_factory=list)
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -258,11 +269,46 @@ class Experiment(_Section):
             raise ValueError(f"objectives {value} repeat an entry")
         return value
 
+    @field_validator("profiles")
+    @classmethod
+    def _profiles(cls, value: list[str]) -> list[str]:
+        from autocompress.hw_profiles.profile import ProfileError, resolve_profile_path
+
+        if len(set(value)) != len(value):
+            raise ValueError(f"profiles {value} repeat an entry")
+        for name in value:
+            if name == "host":
+                raise ValueError(
+                    "profiles: 'host' is this machine, measured (latency.measure_host), not a profile file"
+                )
+            try:
+                resolve_profile_path(name)  # a missing profile is an error now, not after the teacher is trained
+            except ProfileError as err:
+                raise ValueError(str(err)) from None
+        return value
+
     @model_validator(mode="after")
     def _something_to_search(self) -> Experiment:
         if not (self.space.prune.enabled or self.space.quantize.enabled or self.space.lowrank.enabled):
             raise ValueError("space: enable at least one of prune, quantize, lowrank")
+        if not self.latency.measure_host and not self.profiles:
+            raise ValueError("latency.measure_host is false and no profiles are named: nothing would give a latency")
+        primary = self.search.primary_profile
+        if primary is not None and primary not in self.profile_names:
+            raise ValueError(
+                f"search.primary_profile {primary!r} is not scored; choose one of {', '.join(self.profile_names)}"
+            )
         return self
+
+    @property
+    def profile_names(self) -> list[str]:
+        """Every latency profile a trial is scored on: 'host' (if measured) and the named profiles."""
+        return (["host"] if self.latency.measure_host else []) + [profile_id(p) for p in self.profiles]
+
+    @property
+    def primary(self) -> str:
+        """The profile the optimizer steers on and the budgets apply to."""
+        return self.search.primary_profile or self.profile_names[0]
 
     # Derived locations: one place decides where outputs go.
     @property
@@ -288,6 +334,11 @@ class Experiment(_Section):
     @property
     def search_seed(self) -> int:
         return self.seed if self.search.seed is None else self.search.seed
+
+
+def profile_id(name_or_path: str) -> str:
+    """The name a profile's latencies are logged under: a shipped id as is, a file by its stem."""
+    return Path(name_or_path).stem if name_or_path.endswith(".json") else name_or_path
 
 
 def _format_error(source: str, err: ValidationError) -> str:

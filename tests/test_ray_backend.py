@@ -242,7 +242,9 @@ def test_recorder_records_complete_stopped_and_failed_trials(tmp_path):
     teacher = {"accuracy": 0.9, "latency_ms.host": 2.0, "size_bytes": 4000.0, "params": 1000.0}
     logs: list[str] = []
     stop_reasons: dict[str, str] = {}
-    recorder = MlflowRecorder(exp, tracker, parent_id, teacher, _Progress(4, 0, teacher, logs.append), stop_reasons)
+    recorder = MlflowRecorder(
+        exp, tracker, parent_id, teacher, _Progress(4, 0, teacher, "host", logs.append), stop_reasons
+    )
     config = {"prune": {"features.0": 0.5}, "bits": {"features.0": 8}, "kd": {"temperature": 2.0, "alpha": 0.5}}
 
     def trial(trial_id, last_result=None, error=None):

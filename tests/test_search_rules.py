@@ -38,6 +38,13 @@ def test_rule_stops_only_dominated_trials_with_their_best_case():
     assert HopelessRule(rule.finished, ["accuracy", "latency"], margin=0.01).check(1, 0.5, cheap_size)
 
 
+def test_rule_compares_latency_on_its_profile():
+    finished = [Finished(costs={**FAST, "latency_ms.edge": 5.0}, curve=[0.80, 0.90, 0.95], final=0.96)]
+    running = {**SLOW, "latency_ms.edge": 4.0}  # slower here, faster on the edge device
+    assert HopelessRule(finished, ["accuracy", "latency"], margin=0.01).check(1, 0.70, running)
+    assert HopelessRule(finished, ["accuracy", "latency"], margin=0.01, profile="edge").check(1, 0.70, running) is None
+
+
 def test_rule_needs_evidence_and_respects_min_epochs_and_min_accuracy():
     assert HopelessRule([], ["accuracy", "latency"]).check(1, 0.0, SLOW) is None  # no finished trial yet
     assert _rule(min_epochs=2).check(1, 0.1, SLOW) is None
@@ -48,11 +55,15 @@ def test_rule_needs_evidence_and_respects_min_epochs_and_min_accuracy():
 
 def test_constraints_are_signed_violations():
     c = ConstraintsConfig(max_latency_ms=2.0, min_accuracy=0.9, max_size_mb=1.0)
-    m = {"latency_ms.host": 2.5, "accuracy": 0.95, "size_bytes": 0.5e6}
-    assert violations(m, c) == pytest.approx({"max_latency_ms": 0.5, "min_accuracy": -0.05, "max_size_mb": -0.5})
-    assert not is_feasible(violations(m, c))
-    assert is_feasible(violations({**m, "latency_ms.host": 1.0}, c))
-    assert violations(m, ConstraintsConfig()) == {} and not any_constraint(ConstraintsConfig())
+    m = {"latency_ms.host": 2.5, "latency_ms.edge": 1.5, "accuracy": 0.95, "size_bytes": 0.5e6}
+    assert violations(m, c, "host") == pytest.approx(
+        {"max_latency_ms": 0.5, "min_accuracy": -0.05, "max_size_mb": -0.5}
+    )
+    assert not is_feasible(violations(m, c, "host"))
+    assert is_feasible(violations({**m, "latency_ms.host": 1.0}, c, "host"))
+    # the latency budget reads the primary profile's latency, whichever it is
+    assert violations(m, c, "edge")["max_latency_ms"] == pytest.approx(-0.5) and is_feasible(violations(m, c, "edge"))
+    assert violations(m, ConstraintsConfig(), "host") == {} and not any_constraint(ConstraintsConfig())
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

@@ -10,10 +10,11 @@ from __future__ import annotations
 from autocompress.config import ConstraintsConfig
 
 
-def violations(
-    metrics: dict[str, float], constraints: ConstraintsConfig, profile: str = "host"
-) -> dict[str, float]:
-    """One value per configured budget, keyed by its name, positive by how much it is missed."""
+def violations(metrics: dict[str, float], constraints: ConstraintsConfig, profile: str) -> dict[str, float]:
+    """One value per configured budget, keyed by its name, positive by how much it is missed.
+
+    ``max_latency_ms`` applies to the latency on ``profile`` (the experiment's primary profile).
+    """
     values = {}
     if constraints.max_latency_ms is not None:
         values["max_latency_ms"] = metrics[f"latency_ms.{profile}"] - constraints.max_latency_ms

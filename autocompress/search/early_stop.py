@@ -21,8 +21,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-COST_KEYS = {"latency": "latency_ms.host", "size": "size_bytes"}
-
 
 class TrialStopped(Exception):
     """Raised from the fine-tune callback; the message is the reason the trial was stopped."""
@@ -46,6 +44,7 @@ class HopelessRule:
     margin: float = 0.05
     min_epochs: int = 1
     min_accuracy: float | None = None
+    profile: str = "host"  # whose latency counts (the experiment's primary profile)
 
     def best_gain(self, epoch: int) -> float | None:
         """Largest observed gain from ``epoch`` to the final score, or None with no evidence yet."""
@@ -65,7 +64,8 @@ class HopelessRule:
                 f"epoch {epoch}: accuracy {accuracy:.4f} cannot reach min_accuracy {self.min_accuracy:g} "
                 f"(best case {optimistic:.4f})"
             )
-        keys = [COST_KEYS[o] for o in self.objectives if o in COST_KEYS]
+        cost_keys = {"latency": f"latency_ms.{self.profile}", "size": "size_bytes"}
+        keys = [cost_keys[o] for o in self.objectives if o in cost_keys]
         for other in self.finished:
             if other.final > optimistic and all(other.costs[k] <= costs[k] for k in keys):
                 return (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,10 @@ from torch import nn
 from autocompress.compress.deploy import deploy
 from autocompress.compress.pipeline import Compressed, PipelineSettings, apply, finetune_student, prepare_student
 from autocompress.compress.quantize import plain_copy
-from autocompress.config import Experiment, LatencyConfig
+from autocompress.config import Experiment, LatencyConfig, profile_id
 from autocompress.evaluators import count_parameters, evaluate, measure_latency, model_size_bytes
+from autocompress.hw_profiles.predictor import ProfileMismatchWarning, predict
+from autocompress.hw_profiles.profile import Profile, load_profile, resolve_profile_path
 from autocompress.spaces.candidate import Candidate
 from autocompress.tasks import Task
 
@@ -38,6 +41,8 @@ class TrialContext:
     pipeline: PipelineSettings
     latency: LatencyConfig
     calibration_batches: int = 4  # training batches that calibrate int8 activation ranges
+    # Hardware profiles a candidate's latency is predicted on, by the name its figures are logged under.
+    profiles: tuple[tuple[str, Profile], ...] = ()
 
 
 def make_context(exp: Experiment, teacher: nn.Module, task: Task) -> TrialContext:
@@ -59,6 +64,7 @@ def make_context(exp: Experiment, teacher: nn.Module, task: Task) -> TrialContex
         pipeline=pipeline,
         latency=exp.latency,
         calibration_batches=exp.space.quantize.calibration_batches,
+        profiles=tuple((profile_id(p), load_profile(resolve_profile_path(p))) for p in exp.profiles),
     )
 
 
@@ -100,6 +106,21 @@ class Cost:
     params: int
 
 
+def predicted_latency(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> dict[str, float]:
+    """Latency of ``model`` on each of the context's hardware profiles, from their lookup tables (ms).
+
+    Look-ups only (a few ms each), so every trial is scored for every device. An operator a profile
+    cannot predict raises :class:`~autocompress.hw_profiles.UnpredictableSignature` naming it, which
+    fails the trial with that reason.
+    """
+    example = ctx.task.example_input(ctx.latency.batch_size)
+    with warnings.catch_warnings():
+        # A profile from another machine is expected here (scoring for a remote device); the
+        # search reports the mismatch once, when it starts.
+        warnings.simplefilter("ignore", ProfileMismatchWarning)
+        return {name: predict(model, example, profile, bits).latency_ms for name, profile in ctx.profiles}
+
+
 def _run(
     model: nn.Module, bits: dict[str, int], ctx: TrialContext, *, accuracy: bool, latency: bool
 ) -> tuple[float | None, Any]:
@@ -119,19 +140,25 @@ def _run(
     return acc, lat
 
 
-def _cost(model: nn.Module, bits: dict[str, int], lat: Any) -> Cost:
+def _cost(model: nn.Module, bits: dict[str, int], lat: Any, ctx: TrialContext) -> Cost:
+    """Size, parameters, and latency of a plain (quantizer-free) model: measured on the host
+    (``lat``, None when not measured) and predicted on every profile."""
+    measured = {} if lat is None else {HOST: lat.median_ms}
     return Cost(
-        latency_ms={HOST: lat.median_ms},
-        latency_p90_ms={HOST: lat.p90_ms},
+        latency_ms={**measured, **predicted_latency(model, bits, ctx)},
+        latency_p90_ms={} if lat is None else {HOST: lat.p90_ms},
         size_bytes=model_size_bytes(model, bits),
         params=count_parameters(model),
     )
 
 
 def measure_cost(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> Cost:
-    """Latency (on :func:`runnable`), size and parameter count of ``model``; weights do not matter."""
-    _, lat = _run(plain_copy(model), bits, ctx, accuracy=False, latency=True)
-    return _cost(model, bits, lat)
+    """Latency (measured on :func:`runnable` and/or predicted per profile), size and parameter count
+    of ``model``; its weights do not matter."""
+    plain, lat = plain_copy(model), None
+    if ctx.latency.measure_host:
+        _, lat = _run(plain, bits, ctx, accuracy=False, latency=True)
+    return _cost(plain, bits, lat, ctx)
 
 
 def metrics_from(accuracy: float, cost: Cost) -> Metrics:
@@ -145,8 +172,8 @@ def measure(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> Metric
     Accuracy and latency are both measured on :func:`runnable` (for ``onnxruntime``, the deployed
     model with real int8 kernels), so what is scored is what would ship.
     """
-    acc, lat = _run(model, bits, ctx, accuracy=True, latency=True)
-    return metrics_from(acc, _cost(model, bits, lat))
+    acc, lat = _run(model, bits, ctx, accuracy=True, latency=ctx.latency.measure_host)
+    return metrics_from(acc, _cost(model, bits, lat, ctx))
 
 
 def build_candidate(
@@ -198,8 +225,9 @@ def score_candidate(
     return compressed.model, metrics_from(accuracy, cost)
 
 
-def objective_values(metrics: Metrics, objectives: list[str], profile: str = HOST) -> list[float]:
-    """The study's objective vector, in the experiment's order (directions in ``DIRECTIONS``)."""
+def objective_values(metrics: Metrics, objectives: list[str], profile: str) -> list[float]:
+    """The study's objective vector, in the experiment's order (directions in ``DIRECTIONS``);
+    latency is the one on ``profile`` (the experiment's primary profile)."""
     table = {"accuracy": metrics.accuracy, "latency": metrics.latency_ms[profile], "size": float(metrics.size_bytes)}
     values = [table[name] for name in objectives]
     if not all(torch.isfinite(torch.tensor(values))):

@@ -47,7 +47,6 @@ from autocompress.errors import AutocompressError
 from autocompress.search.constraints import any_constraint, is_feasible, violations
 from autocompress.search.objectives import (
     DIRECTIONS,
-    HOST,
     Cost,
     TrialContext,
     make_context,
@@ -181,16 +180,18 @@ class MultiObjectiveOptunaSearch(OptunaSearch):
     (the ``constraints`` user attribute), for a sampler's ``constraints_func``.
     """
 
-    def __init__(self, *args: Any, constraints: ConstraintsConfig | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, constraints: ConstraintsConfig | None = None, profile: str = "host", **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.constraints = constraints
+        self.constraints, self.profile = constraints, profile
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         if result is not None and self.constraints is not None and any_constraint(self.constraints):
             flat = {k[len(METRICS) + 1 :]: v for k, v in result.items() if k.startswith(f"{METRICS}/")}
             if flat and trial_id in self._ot_trials:
-                self._ot_trials[trial_id].set_user_attr("constraints", violations(flat, self.constraints))
+                self._ot_trials[trial_id].set_user_attr("constraints", violations(flat, self.constraints, self.profile))
         if result is not None and any(result.get(m) is None for m in metrics):
             error = error or FAIL_REASON in result
             result = None  # -> FAIL if error, else PRUNED
@@ -287,7 +288,7 @@ def trainable(config: dict[str, Any], *, exp: Experiment, teacher_state: dict[st
         ctx = _worker_context(exp, teacher_state, token)
         candidate = Candidate.from_params(candidate_params(config))
         _, metrics = score_candidate(candidate, ctx, on_epoch=on_epoch)
-        values = objective_values(metrics, exp.objectives)
+        values = objective_values(metrics, exp.objectives, exp.primary)
     except Exception as err:  # noqa: BLE001 - failures are data: report the reason, the search goes on
         tune.report({FAIL_REASON: f"{type(err).__name__}: {err}".strip(), DURATION: time.monotonic() - started})
         return
@@ -398,7 +399,7 @@ class MlflowRecorder(tune.Callback):
         run_id = self.open_runs.pop(trial.trial_id)
         number = self.numbers[trial.trial_id]
         flat = {k: float(v) for k, v in result[METRICS].items()}
-        feasible = self.feasible[number] = is_feasible(violations(flat, self.exp.search.constraints))
+        feasible = self.feasible[number] = is_feasible(violations(flat, self.exp.search.constraints, self.exp.primary))
         speedups = {
             f"speedup.{p}": self.teacher[f"latency_ms.{p}"] / flat[f"latency_ms.{p}"] for p in profiles_in(flat)
         }
@@ -410,7 +411,7 @@ class MlflowRecorder(tune.Callback):
         self.tracker.end_run(run_id, "FINISHED")
         self.records.append(TrialRecord(number, self.params[trial.trial_id], flat, run_id))
         self.counts[COMPLETE] += 1
-        self.front_size = len(compute_fronts(self.front_records(), self.teacher, self.exp.objectives)[HOST])
+        self.front_size = len(compute_fronts(self.front_records(), self.teacher, self.exp.objectives)[self.exp.primary])
         shown = feasible if any_constraint(self.exp.search.constraints) else None
         self.progress.trial(number, flat, self.front_size, feasible=shown)
 
@@ -487,8 +488,9 @@ def _search(exp: Experiment, setup: SearchSetup, log: Callable[[str], None]) -> 
         sampler=make_sampler(exp.search, exp.search_seed),
         study_name=name,
         constraints=exp.search.constraints,
+        profile=exp.primary,
     )
-    progress = _Progress(exp.search.n_trials, 0, setup.teacher_metrics, log)
+    progress = _Progress(exp.search.n_trials, 0, setup.teacher_metrics, exp.primary, log)
     recorder = MlflowRecorder(
         exp, tracker, parent_id, setup.teacher_metrics, progress, getattr(scheduler, "stopped", {})
     )

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from optuna.trial import TrialState
 from autocompress.config import Experiment
 from autocompress.errors import AutocompressError
 from autocompress.hw_profiles import describe_host
+from autocompress.hw_profiles.predictor import check_host
+from autocompress.hw_profiles.profile import resolve_profile_path
 from autocompress.search.constraints import any_constraint, is_feasible, violations
 from autocompress.search.early_stop import Finished, HopelessRule, TrialStopped
 from autocompress.search.objectives import (
@@ -108,6 +111,8 @@ def fingerprint(exp: Experiment, space: SearchSpace) -> str:
         "finetune": exp.finetune.model_dump(mode="json"),
         "latency": exp.latency.model_dump(mode="json"),
         "objectives": exp.objectives,
+        "profiles": exp.profiles,
+        "primary": exp.primary,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -212,8 +217,10 @@ def _duration(seconds: float) -> str:
 class _Progress:
     """One line per finished trial: figures, front size, elapsed time and ETA."""
 
-    def __init__(self, total: int, done: int, teacher: dict[str, float], log: Callable[[str], None]) -> None:
-        self.total, self.done, self.teacher, self.log = total, done, teacher, log
+    def __init__(
+        self, total: int, done: int, teacher: dict[str, float], profile: str, log: Callable[[str], None]
+    ) -> None:
+        self.total, self.done, self.teacher, self.profile, self.log = total, done, teacher, profile, log
         self.start = time.monotonic()
         self.session_trials = 0
 
@@ -235,10 +242,11 @@ class _Progress:
             body = f"{'STOPPED' if stopped else 'FAILED'}  {reason[:100]}"
         else:
             t = self.teacher
-            lat = metrics[f"latency_ms.{HOST}"]
+            lat = metrics[f"latency_ms.{self.profile}"]
+            where = "" if self.profile == HOST else f" on {self.profile}"
             body = (
                 f"acc {metrics['accuracy']:.4f} ({100 * (metrics['accuracy'] - t['accuracy']):+.2f} pt)  "
-                f"latency {lat:.3f} ms ({t[f'latency_ms.{HOST}'] / lat:.2f}x)  "
+                f"latency{where} {lat:.3f} ms ({t[f'latency_ms.{self.profile}'] / lat:.2f}x)  "
                 f"size {metrics['size_bytes'] / 1e3:.1f} kB"
             )
             if feasible is not None:
@@ -266,11 +274,23 @@ def prepare_search(exp: Experiment, *, retrain: bool = False, log: Callable[[str
     space = build_space(teacher.model, task.example_input(1), exp.space)
     log(f"space: {len(space.prune)} prune groups, {len(space.bits)} quantizable layers, {space.size():.3g} candidates")
     ctx = make_context(exp, teacher.model, task)
+    for name, profile in ctx.profiles:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said once, here, in the search's own output
+            problems = check_host(profile)
+        for problem in problems:
+            log(f"warning: hardware profile {name!r} {problem}: its latency predictions may not hold here")
     teacher_metrics = measure(teacher.model, {}, ctx).as_dict()
+    latencies = []
+    for name in exp.profile_names:
+        where = (
+            f"measured, {exp.latency.runtime}, batch {exp.latency.batch_size}, {exp.latency.threads} thread(s)"
+            if name == HOST
+            else "predicted from its profile"
+        )
+        latencies.append(f"{teacher_metrics[f'latency_ms.{name}']:.3f} ms on {name} ({where})")
     log(
-        f"teacher: val accuracy {teacher_metrics['accuracy']:.4f}, "
-        f"latency {teacher_metrics['latency_ms.host']:.3f} ms "
-        f"({exp.latency.runtime}, batch {exp.latency.batch_size}, {exp.latency.threads} thread(s)), "
+        f"teacher: val accuracy {teacher_metrics['accuracy']:.4f}, latency {'; '.join(latencies)}, "
         f"size {teacher_metrics['size_bytes'] / 1e3:.1f} kB"
     )
     return SearchSetup(task, teacher, space, ctx, teacher_metrics)
@@ -285,7 +305,32 @@ def start_parent_run(exp: Experiment, setup: SearchSetup, tracker: Tracker, name
     (exp.out_dir / "space.json").write_text(json.dumps(setup.space.summary(), indent=2))
     tracker.log_artifact(parent_id, exp.out_dir / "experiment.yaml")
     tracker.log_artifact(parent_id, exp.out_dir / "space.json")
+    log_profiles(exp, setup.ctx, tracker, parent_id)
     return parent_id
+
+
+def log_profiles(exp: Experiment, ctx: TrialContext, tracker: Tracker, parent_id: str) -> None:
+    """Record each hardware profile the search scores on: its file, where it was measured, and its
+    validation reports (predicted vs measured end-to-end error), so a reviewer can judge the figures."""
+    for source, (name, profile) in zip(exp.profiles, ctx.profiles, strict=True):
+        tags = {
+            f"profile.{name}.cpu": profile.host.cpu,
+            f"profile.{name}.runtime": f"{profile.runtime.name} {profile.runtime.version}",
+            f"profile.{name}.threads": profile.host.threads,
+            f"profile.{name}.measured_at": profile.measured_at,
+        }
+        metrics = {}
+        for v in profile.validation:
+            model = v.model.rsplit(".", 1)[-1]
+            metrics.update(
+                {
+                    f"profile.{name}.validation.{model}.median_abs_error_pct": v.median_abs_error_pct,
+                    f"profile.{name}.validation.{model}.p90_abs_error_pct": v.p90_abs_error_pct,
+                    f"profile.{name}.validation.{model}.max_abs_error_pct": v.max_abs_error_pct,
+                }
+            )
+        tracker.log(parent_id, metrics=metrics, tags=tags)
+        tracker.log_artifact(parent_id, resolve_profile_path(source), "profiles")
 
 
 def log_session(exp: Experiment, setup: SearchSetup, tracker: Tracker, parent_id: str) -> None:
@@ -333,7 +378,7 @@ def run_search(
 
     done = sum(counted(t) for t in study.get_trials(deepcopy=False))
     loop = _OptunaLoop(
-        study, setup, exp, tracker, parent_id, _Progress(exp.search.n_trials, done, teacher_metrics, log)
+        study, setup, exp, tracker, parent_id, _Progress(exp.search.n_trials, done, teacher_metrics, exp.primary, log)
     )
     started = time.monotonic()
     status = "FINISHED"
@@ -377,11 +422,16 @@ class _OptunaLoop:
             if "metrics" in t.user_attrs
         ]
         return HopelessRule(
-            finished, self.exp.objectives, config.margin, config.min_epochs, self.exp.search.constraints.min_accuracy
+            finished,
+            self.exp.objectives,
+            config.margin,
+            config.min_epochs,
+            self.exp.search.constraints.min_accuracy,
+            self.exp.primary,
         )
 
     def _front_size(self) -> int:
-        return len(_fronts(self.study, self.exp, self.setup.teacher_metrics)[HOST])
+        return len(_fronts(self.study, self.exp, self.setup.teacher_metrics)[self.exp.primary])
 
     def run_one(self) -> None:
         study, tracker, exp = self.study, self.tracker, self.exp
@@ -409,7 +459,7 @@ class _OptunaLoop:
         started = time.monotonic()
         try:
             _, metrics = score_candidate(candidate, self.setup.ctx, on_epoch=on_epoch)
-            values = objective_values(metrics, exp.objectives)
+            values = objective_values(metrics, exp.objectives, exp.primary)
         except KeyboardInterrupt:
             trial.set_user_attr(INTERRUPTED, True)
             study.tell(trial, state=TrialState.FAIL)
@@ -422,7 +472,7 @@ class _OptunaLoop:
             partial = metrics_from(curve[-1], cost_seen[0]).as_dict()
             trial.set_user_attr("stop_reason", str(stop))
             trial.set_user_attr("val_curve", curve)
-            for key, value in violations(partial, exp.search.constraints).items():
+            for key, value in violations(partial, exp.search.constraints, exp.primary).items():
                 trial.set_constraint(key, value)
             study.tell(trial, state=TrialState.PRUNED)
             tracker.log(
@@ -446,7 +496,7 @@ class _OptunaLoop:
             self.progress.trial(trial.number, None, self._front_size(), reason)
             return
         flat = metrics.as_dict()
-        limits = violations(flat, exp.search.constraints)
+        limits = violations(flat, exp.search.constraints, exp.primary)
         feasible = is_feasible(limits)
         trial.set_user_attr("metrics", flat)
         trial.set_user_attr("val_curve", curve)

@@ -1,0 +1,135 @@
+"""Searches scored on hardware profiles: every trial gets a latency per profile, one front each."""
+
+from __future__ import annotations
+
+import re
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from autocompress.cli import main
+from autocompress.config import parse_experiment
+from autocompress.errors import ConfigError
+from autocompress.evaluators.latency import torch_threads
+from autocompress.hw_profiles import load_profile, predict
+from autocompress.hw_profiles.measure import MeasureSettings, measure_profile
+from autocompress.hw_profiles.target import load_target
+from autocompress.search import run_search
+from autocompress.search.objectives import build_candidate, make_context
+from autocompress.spaces import Candidate
+from autocompress.tasks import load_task
+from autocompress.teacher import get_teacher
+from tests.conftest import tiny_experiment_dict
+
+
+@pytest.fixture(scope="module")
+def eager_profile(tmp_path_factory):
+    """A real torch-eager profile of the tiny experiment's space, measured here (a few seconds)."""
+    root = tmp_path_factory.mktemp("profile")
+    data = tiny_experiment_dict(root / "unused")
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    settings = MeasureSettings(
+        runtime="torch-eager", repeats=5, warmup_ms=2.0, min_sample_ms=0.2, calibration=4, profile_id="tiny-eager"
+    )
+    with torch_threads(1):
+        measure_profile(load_target(path), root / "tiny-eager.json", settings, log=lambda _: None)
+    return root / "tiny-eager.json"
+
+
+@pytest.fixture(scope="module")
+def profile_search(tmp_path_factory, eager_profile):
+    out = tmp_path_factory.mktemp("search")
+    data = tiny_experiment_dict(out / "tiny", primary_profile="tiny-eager")
+    data["profiles"] = [str(eager_profile)]
+    exp = parse_experiment(data)
+    logs: list[str] = []
+    return exp, run_search(exp, log=logs.append), logs
+
+
+def test_every_trial_is_scored_on_host_and_profile_and_steers_on_the_primary(profile_search, eager_profile):
+    exp, result, logs = profile_search
+    assert exp.profile_names == ["host", "tiny-eager"] and exp.primary == "tiny-eager"
+    assert set(result.fronts) == {"host", "tiny-eager"} and all(result.fronts.values())
+    for name in ("host", "tiny-eager"):
+        assert (result.out_dir / f"front_{name}.csv").is_file()
+        assert any(f"Pareto front on profile '{name}'" in line for line in logs)
+    assert any("on tiny-eager (predicted from its profile)" in line for line in logs if line.startswith("teacher:"))
+    study = optuna.load_study(study_name=result.study_name, storage=exp.storage_url)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert complete
+    latency_index = exp.objectives.index("latency")
+    for trial in complete:
+        metrics = trial.user_attrs["metrics"]
+        assert metrics["latency_ms.host"] > 0 and metrics["latency_ms.tiny-eager"] > 0
+        # the optimizer saw the primary profile's latency, not the host's
+        assert trial.values[latency_index] == pytest.approx(metrics["latency_ms.tiny-eager"])
+
+    # the logged prediction is the profile's prediction for the rebuilt model
+    trial = complete[0]
+    task = load_task(exp.task.name, exp.task.args)
+    teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, log=lambda _: None)
+    compressed = build_candidate(Candidate.from_params(trial.params), make_context(exp, teacher.model, task))
+    expected = predict(compressed.model, task.example_input(1), load_profile(eager_profile)).latency_ms
+    assert trial.user_attrs["metrics"]["latency_ms.tiny-eager"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_mlflow_holds_per_profile_metrics_tags_and_the_profile_file(profile_search):
+    exp, result, _ = profile_search
+    client = MlflowClient(tracking_uri=exp.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert "teacher.latency_ms.tiny-eager" in parent.data.metrics
+    assert parent.data.tags["profile.tiny-eager.runtime"].startswith("torch-eager ")
+    assert "front_size.tiny-eager" in parent.data.metrics and "hypervolume.tiny-eager" in parent.data.metrics
+    assert [a.path for a in client.list_artifacts(result.parent_run_id, "profiles")] == ["profiles/tiny-eager.json"]
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"
+    )
+    complete = [c for c in children if c.data.tags["state"] == "COMPLETE"]
+    assert complete
+    for child in complete:
+        assert {"latency_ms.host", "latency_ms.tiny-eager", "speedup.tiny-eager"} <= set(child.data.metrics)
+    for child in children:
+        assert child.data.tags["front.tiny-eager"] in ("True", "False")
+
+
+def test_profiles_only_search_never_measures_the_host(tmp_path, eager_profile, monkeypatch):
+    from autocompress.search import objectives
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("the host was measured although latency.measure_host is false")
+
+    monkeypatch.setattr(objectives, "measure_latency", no_measuring)
+    data = tiny_experiment_dict(tmp_path / "tiny", n_trials=2)
+    data["profiles"] = [str(eager_profile)]
+    data["latency"]["measure_host"] = False
+    exp = parse_experiment(data)
+    assert exp.primary == "tiny-eager"
+    result = run_search(exp, log=lambda _: None)
+    assert set(result.fronts) == {"tiny-eager"} and result.finished == 2
+    assert "latency_ms.host" not in result.teacher
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"profiles": ["no-such-profile"]}, "profiles: no-such-profile: no such profile file, nor a shipped profile"),
+        ({"profiles": ["host"]}, "profiles: 'host' is this machine"),
+        ({"latency": {"measure_host": False}}, "latency.measure_host is false and no profiles are named"),
+        ({"search": {"primary_profile": "phone"}}, "search.primary_profile 'phone' is not scored; choose one of host"),
+    ],
+)
+def test_profile_settings_are_validated_in_one_line(tmp_path, change, message, capsys):
+    data = tiny_experiment_dict(tmp_path / "tiny")
+    for key, value in change.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_experiment(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err
