@@ -24,7 +24,12 @@ def _overrides(args: argparse.Namespace) -> dict:
     from autocompress.config import parse_override
 
     overrides = dict(parse_override(text) for text in args.set or [])
-    for key, attr in (("search.n_trials", "n_trials"), ("search.timeout", "timeout"), ("output_dir", "output_dir")):
+    for key, attr in (
+        ("search.n_trials", "n_trials"),
+        ("search.timeout", "timeout"),
+        ("search.workers", "workers"),
+        ("output_dir", "output_dir"),
+    ):
         value = getattr(args, attr, None)
         if value is not None:
             overrides[key] = str(value) if isinstance(value, Path) else value
@@ -98,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STUDY",
         help="continue the latest study of this experiment (or the named STUDY) up to n_trials, "
         "re-running trials a crash interrupted; the experiment must be unchanged",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes running trials of the study in parallel (overrides search.workers); more searches "
+        "can also join a running one from other shells with --resume",
     )
     p.add_argument("--retrain", action="store_true", help="train the teacher again even if a cached one exists")
     p.set_defaults(func=cmd_search)

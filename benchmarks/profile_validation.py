@@ -1,7 +1,8 @@
 """Validate hardware profiles on the built-in models, repeatedly, and record the results in the profiles.
 
-For each profile and each model (the ``digits`` CNN of ``experiments/digits_cnn.yaml``, and the
-ResNet-18-style ``autocompress.models:resnet18_cifar`` at 3x32x32 under the same space settings)
+For each profile and each model (the built-in ``digits`` CNN of ``experiments/digits_cnn.yaml``, the
+built-in ``mnist1d`` 1-D CNN of ``experiments/mnist1d_cnn.yaml``, and the ResNet-18-style
+``autocompress.models:resnet18_cifar`` at 3x32x32 under the digits space settings)
 runs ``profile validate`` ``--rounds`` times with different candidate draws, prints every round's
 median / p90 / max absolute % error and the prediction time, and (with ``--record``) stores the
 first round's summary in the profile file, as ``autocompress profile validate --record`` would.
@@ -23,18 +24,16 @@ from autocompress.hw_profiles.target import load_target
 from autocompress.hw_profiles.validate import VALIDATION_SEED, validate_profile
 
 EXPERIMENT = "experiments/digits_cnn.yaml"
-MODELS = {
-    "digits": (None, None),
-    "resnet18": ("autocompress.models:resnet18_cifar", (3, 32, 32)),
+MODELS = {  # name: (experiment, model reference, input shape)
+    "digits": (EXPERIMENT, None, None),
+    "mnist1d": ("experiments/mnist1d_cnn.yaml", None, None),
+    "resnet18": (EXPERIMENT, "autocompress.models:resnet18_cifar", (3, 32, 32)),
 }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profiles", nargs="+", type=Path, help="profile JSON files to validate")
-    parser.add_argument(
-        "--experiment", default=EXPERIMENT, help=f"experiment supplying the space (default {EXPERIMENT})"
-    )
     parser.add_argument("--n", type=int, default=30, help="candidates per round (default 30)")
     parser.add_argument("--rounds", type=int, default=2, help="validation rounds per profile and model (default 2)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/profile_validation"), help="report files")
@@ -42,16 +41,16 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
     args = parser.parse_args()
 
-    targets = {name: load_target(args.experiment, *MODELS[name]) for name in args.models}
+    targets = {name: load_target(*MODELS[name]) for name in args.models}
     lines = []
     for path in args.profiles:
         profile = load_profile(path)
         recorded = list(profile.validation)
         for name, target in targets.items():
-            ref, shape = MODELS[name]
+            experiment, ref, shape = MODELS[name]
             for round_ in range(args.rounds):
                 seed = VALIDATION_SEED + round_
-                parts = ["autocompress", "profile", "validate", str(path), "--experiment", args.experiment]
+                parts = ["autocompress", "profile", "validate", str(path), "--experiment", experiment]
                 if ref:
                     parts += ["--model", ref, "--input-shape", ",".join(map(str, shape))]
                 parts += ["--n", str(args.n)] + (["--seed", str(seed)] if round_ else [])

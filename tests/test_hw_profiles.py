@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -83,11 +84,16 @@ def profile() -> Profile:
 
 
 def test_round_trip(profile, tmp_path):
-    path = save_profile(profile, tmp_path / "p.json")
+    previous = os.umask(0o022)
+    try:
+        path = save_profile(profile, tmp_path / "p.json")
+    finally:
+        os.umask(previous)
     loaded = load_profile(path)
     assert loaded == profile
     assert loaded.table[conv(8, 16).key()].median_ms == pytest.approx(conv_ms(8, 16))
     assert json.loads(path.read_text())["format_version"] == 1
+    assert path.stat().st_mode & 0o044 == 0o044  # readable by others, like any data file
 
 
 @pytest.mark.parametrize(

@@ -232,8 +232,10 @@ class _Progress:
         reason: str = "",
         feasible: bool | None = None,
         stopped: bool = False,
+        done: int | None = None,
     ) -> None:
-        self.done += 1
+        """Report one finished trial; ``done`` is the study's finished count when other workers add to it."""
+        self.done = self.done + 1 if done is None else done
         self.session_trials += 1
         elapsed = time.monotonic() - self.start
         eta = elapsed / self.session_trials * max(0, self.total - self.done)
@@ -265,8 +267,18 @@ class SearchSetup:
     teacher_metrics: dict[str, float]
 
 
-def prepare_search(exp: Experiment, *, retrain: bool = False, log: Callable[[str], None] = print) -> SearchSetup:
-    """Load the task, get the teacher, discover the space and score the teacher (backend-neutral)."""
+def prepare_search(
+    exp: Experiment,
+    *,
+    retrain: bool = False,
+    log: Callable[[str], None] = print,
+    teacher_metrics: dict[str, float] | None = None,
+) -> SearchSetup:
+    """Load the task, get the teacher, discover the space and score the teacher (backend-neutral).
+
+    ``teacher_metrics`` already measured (by the process that started a parallel search) are
+    reused, so every worker compares its trials with the same teacher figures.
+    """
     exp.out_dir.mkdir(parents=True, exist_ok=True)
     task = load_task(exp.task.name, exp.task.args)
     log(f"task {task.name}: {len(task.train)} train / {len(task.val)} val / {len(task.test)} test samples")
@@ -280,6 +292,8 @@ def prepare_search(exp: Experiment, *, retrain: bool = False, log: Callable[[str
             problems = check_host(profile)
         for problem in problems:
             log(f"warning: hardware profile {name!r} {problem}: its latency predictions may not hold here")
+    if teacher_metrics is not None:
+        return SearchSetup(task, teacher, space, ctx, teacher_metrics)
     teacher_metrics = measure(teacher.model, {}, ctx).as_dict()
     latencies = []
     for name in exp.profile_names:
@@ -382,22 +396,88 @@ def run_search(
     )
     started = time.monotonic()
     status = "FINISHED"
+    workers = _start_workers(exp, study.study_name, parent_id, teacher_metrics, log)
     try:
-        while done < exp.search.n_trials:
-            if exp.search.timeout is not None and time.monotonic() - started > exp.search.timeout:
-                log(f"timeout of {exp.search.timeout:g}s reached after {done} finished trials")
-                break
-            loop.run_one()
-            done = sum(counted(t) for t in study.get_trials(deepcopy=False))
+        done = run_trials(study, loop, exp, started, log)
     except KeyboardInterrupt:
         status = "KILLED"
+        done = sum(counted(t) for t in study.get_trials(deepcopy=False))
         raise SearchInterrupted(
             f"interrupted: {done} finished trial(s) kept in study {study.study_name!r}; "
             "continue with the same command plus --resume"
         ) from None
     finally:
+        _join_workers(workers, log)
         result = _finish(study, exp, tracker, parent_id, teacher_metrics, status, log)
     return result
+
+
+def run_trials(study: optuna.Study, loop: _OptunaLoop, exp: Experiment, started: float, log) -> int:
+    """Run trials until ``n_trials`` are finished, counting the ones other workers are running.
+
+    Every worker of a parallel search runs this loop against the same study; a worker starts a
+    trial only while finished + running trials fall short of ``n_trials``, so the workers stop
+    together without lost trials. Returns the number of finished trials.
+    """
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        done = sum(counted(t) for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if done + running >= exp.search.n_trials:
+            return done
+        if exp.search.timeout is not None and time.monotonic() - started > exp.search.timeout:
+            log(f"timeout of {exp.search.timeout:g}s reached after {done} finished trials")
+            return done
+        loop.run_one()
+
+
+def _start_workers(exp: Experiment, study_name: str, parent_id: str, teacher: dict[str, float], log) -> list:
+    """Start ``search.workers - 1`` processes that run trials of the same study beside this one."""
+    if exp.search.workers <= 1:
+        return []
+    import multiprocessing
+
+    # spawn, not fork: torch, ONNX Runtime and the MLflow/SQLAlchemy clients are not fork-safe.
+    context = multiprocessing.get_context("spawn")
+    processes = []
+    for index in range(1, exp.search.workers):
+        process = context.Process(
+            target=_worker_main,
+            args=(exp.model_dump(mode="json"), study_name, parent_id, teacher, index),
+            name=f"autocompress-worker-{index}",
+        )
+        process.start()
+        processes.append(process)
+    log(f"{exp.search.workers} workers on study {study_name!r} (this process and {len(processes)} more)")
+    return processes
+
+
+def _join_workers(processes: list, log) -> None:
+    for process in processes:
+        process.join()
+        if process.exitcode not in (0, None):
+            log(f"worker {process.name} exited with status {process.exitcode}; its finished trials are kept")
+
+
+def _worker_main(exp_data: dict, study_name: str, parent_id: str, teacher: dict[str, float], index: int) -> None:
+    """Entry point of a parallel worker process: the trial loop of :func:`run_search`, nothing else."""
+    from autocompress.config import parse_experiment
+
+    def log(message: str) -> None:
+        print(f"[worker {index}] {message}", flush=True)
+
+    exp = parse_experiment(exp_data)
+    setup = prepare_search(exp, log=lambda _: None, teacher_metrics=teacher)
+    study = optuna.load_study(study_name=study_name, storage=exp.storage_url)
+    # Each worker samples with its own seed: identical samplers would propose identical trials.
+    study.sampler = make_sampler(exp.search, exp.search_seed + 7919 * index + len(study.trials))
+    tracker = Tracker(exp.tracking_uri, exp.tracking.experiment or exp.name, exp.artifact_root)
+    done = sum(counted(t) for t in study.get_trials(deepcopy=False))
+    progress = _Progress(exp.search.n_trials, done, teacher, exp.primary, log)
+    try:
+        run_trials(study, _OptunaLoop(study, setup, exp, tracker, parent_id, progress), exp, time.monotonic(), log)
+    except KeyboardInterrupt:
+        pass  # the interrupted trial was re-queued by run_one; the main process reports the stop
 
 
 class _OptunaLoop:
@@ -429,6 +509,10 @@ class _OptunaLoop:
             self.exp.search.constraints.min_accuracy,
             self.exp.primary,
         )
+
+    def _report(self, number: int, metrics: dict[str, float] | None, reason: str = "", **kw) -> None:
+        done = sum(counted(t) for t in self.study.get_trials(deepcopy=False))
+        self.progress.trial(number, metrics, self._front_size(), reason, done=done, **kw)
 
     def _front_size(self) -> int:
         return len(_fronts(self.study, self.exp, self.setup.teacher_metrics)[self.exp.primary])
@@ -481,7 +565,7 @@ class _OptunaLoop:
                 tags={"state": "PRUNED", "stop_reason": str(stop)},
             )
             tracker.end_run(run_id, "FINISHED")
-            self.progress.trial(trial.number, partial, self._front_size(), str(stop), stopped=True)
+            self._report(trial.number, partial, str(stop), stopped=True)
             return
         except Exception as err:  # noqa: BLE001 - failures are data: record the reason, go on
             reason = f"{type(err).__name__}: {err}".strip()
@@ -493,7 +577,7 @@ class _OptunaLoop:
                 tags={"state": "FAIL", "fail_reason": reason[:5000]},
             )
             tracker.end_run(run_id, "FAILED")
-            self.progress.trial(trial.number, None, self._front_size(), reason)
+            self._report(trial.number, None, reason)
             return
         flat = metrics.as_dict()
         limits = violations(flat, exp.search.constraints, exp.primary)
@@ -513,7 +597,7 @@ class _OptunaLoop:
         )
         tracker.end_run(run_id, "FINISHED")
         shown = feasible if any_constraint(exp.search.constraints) else None
-        self.progress.trial(trial.number, flat, self._front_size(), feasible=shown)
+        self._report(trial.number, flat, feasible=shown)
 
 
 def trial_records(study: optuna.Study, feasible_only: bool = False) -> list[TrialRecord]:
