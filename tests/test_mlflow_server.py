@@ -10,11 +10,12 @@ import csv
 import io
 import json
 import os
-import select
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -156,7 +157,8 @@ def server(tmp_path_factory):
 def logged(server):
     """A tiny search whose tracking.uri is the server."""
     url, root = server
-    data = tiny_experiment_dict(root / "tiny")
+    # Early stop off: every trial then completes, so each run's full record can be checked.
+    data = tiny_experiment_dict(root / "tiny", early_stop={"enabled": False})
     data["tracking"]["uri"] = url
     exp = parse_experiment(data)
     result = run_search(exp, log=lambda _: None)
@@ -232,16 +234,29 @@ def test_front_reads_the_search_back_from_the_server(logged, capsys):
 
 
 def _read_line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            line = proc.stdout.readline()
+    """The first stdout line of ``proc`` starting with ``prefix``, read by a thread.
+
+    Not select() on the text stream: when several lines arrive in one chunk, readline() leaves
+    the rest in Python's buffer where select() never sees it, and the wanted line would wait for
+    output that never comes.
+    """
+    found: queue.Queue[str | None] = queue.Queue()
+
+    def reader() -> None:
+        for line in proc.stdout:
             if line.startswith(prefix):
-                return line.strip()
-            if not line and proc.poll() is not None:
-                break
-    raise AssertionError(f"no line starting {prefix!r} (exit status {proc.poll()})")
+                found.put(line.strip())
+                return
+        found.put(None)  # the stream closed first
+
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        line = found.get(timeout=timeout)
+    except queue.Empty:
+        line = None
+    if line is None:
+        raise AssertionError(f"no line starting {prefix!r} (exit status {proc.poll()})")
+    return line
 
 
 def test_ui_serves_the_experiment_store_on_localhost_until_stopped(tmp_path):
@@ -262,7 +277,10 @@ def test_ui_serves_the_experiment_store_on_localhost_until_stopped(tmp_path):
             start_new_session=True,
         )
     try:
-        line = _read_line(proc, "MLflow UI for", 120)
+        try:
+            line = _read_line(proc, "MLflow UI for", 120)
+        except AssertionError as err:
+            raise AssertionError(f"{err}; its stderr:\n{log_path.read_text()[-3000:]}") from None
         url = f"http://127.0.0.1:{port}"
         assert line.endswith(f"at {url}/#/experiments/{experiment_id}  (Ctrl-C to stop)")
         assert _status(f"{url}/") == 200
