@@ -137,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autocompress: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly, as other command-line tools do.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ from autocompress.cli import main
 from autocompress.compress.lowrank import layer_input_shapes
 from autocompress.compress.prune import prune
 from autocompress.evaluators.latency import torch_threads
-from autocompress.hw_profiles import load_profile, predict
+from autocompress.hw_profiles import load_profile, ort_map, predict
 from autocompress.hw_profiles import measure as measure_mod
 from autocompress.hw_profiles.eager import build_unit, eager_signatures
 from autocompress.hw_profiles.measure import MeasureSettings, measure_profile
 from autocompress.hw_profiles.onnx_graph import model_units, unit_callable
+from autocompress.hw_profiles.profile import UnitVariant
 from autocompress.hw_profiles.target import load_target
 from autocompress.hw_profiles.validate import validate_profile
 from autocompress.models import resnet18_cifar
@@ -178,3 +179,23 @@ def test_profile_list_shows_shipped_profiles(capsys):
     out = capsys.readouterr().out
     assert "torch-eager" in out and "onnxruntime" in out
     assert "validated on DigitsCNN" in out and "validated on ResNetCifar" in out
+
+
+def test_unit_map_predicts_with_the_node_list_seen_most_often():
+    """A proxy ORT deployed in two ways keeps both; the map answers with the more frequent one."""
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 4)).eval()
+    shape = (1, 1, 8, 8)
+    proxies = ort_map.unit_proxies(model, shape, {"0": 8})
+    units = model_units(model, torch.randn(*shape), {"0": 8}, 1)
+    unit_map: dict = {}
+    assert ort_map.learn(unit_map, model, shape, {"0": 8}, units) == len(proxies)
+    first = unit_map[proxies[0]][0]
+    assert first.seen == 1 and first.nodes and all(isinstance(k, str) for k in first.nodes)
+    assert ort_map.learn(unit_map, model, shape, {"0": 8}, units) == 0 and first.seen == 2  # seen again
+    other = UnitVariant(nodes=["other-node-list"], seen=1)
+    unit_map[proxies[0]].append(other)
+    keys = ort_map.mapped_keys(unit_map, model, shape, {"0": 8})
+    assert keys[: len(first.nodes)] == first.nodes
+    other.seen = 3
+    assert ort_map.mapped_keys(unit_map, model, shape, {"0": 8})[0] == "other-node-list"
+    assert ort_map.mapped_keys(unit_map, model, shape, None) is None  # fp32 proxies were never seen

@@ -8,11 +8,13 @@ neighbours' channel counts modulo the NCHWc block. So every candidate deployed d
 that context, :func:`unit_proxies`) -> the ORT node signatures that unit became, found by matching
 each optimized node's module scope (``/layer1/layer1.0/conv2/...``) to the unit's modules
 (:func:`attribute`). Nodes ORT adds without a scope (layout reorders, transposes) go with the next
-scoped node. A proxy seen with two different node lists is marked ambiguous.
+scoped node. A proxy seen with different node lists keeps each list with the number of times it
+was seen: ORT then looked at something the proxy does not capture (often only whether a layout
+reorder lands in this unit or its neighbour), and the list seen most often is the best guess.
 
 Prediction then computes the proxies from the model structure (a millisecond) and sums the mapped
-nodes' LUT entries. Any proxy the map does not know, or knows as ambiguous, sends the prediction
-to the exact path (deploy and read the graph), and the result says which path it took.
+nodes' LUT entries. A proxy the map does not know sends the prediction to the exact path (deploy
+and read the graph), and the result says which path it took.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from torch import nn
 
 from autocompress.hw_profiles import eager
 from autocompress.hw_profiles.onnx_graph import NodeUnit
-from autocompress.hw_profiles.profile import OpSignature
+from autocompress.hw_profiles.profile import OpSignature, UnitVariant
 
+MAX_VARIANTS = 8  # node lists kept per proxy; rarer ones beyond that add nothing to the best guess
 NCHWC_BLOCK = 16  # ORT's NCHWc block on AVX-512 (8 on AVX2; a multiple of 16 is then also one of 8)
 
 
@@ -113,7 +116,7 @@ def attribute(model: nn.Module, units: Sequence[tuple[OpSignature, NodeUnit]]) -
 
 
 def learn(
-    unit_map: dict[str, list[str] | None],
+    unit_map: dict[str, list[UnitVariant]],
     model: nn.Module,
     input_shape: Sequence[int],
     bits: dict[str, int] | None,
@@ -125,22 +128,25 @@ def learn(
         return 0
     new = 0
     for proxy, keys in zip(unit_proxies(model, input_shape, bits), placed, strict=True):
-        if proxy not in unit_map:
-            unit_map[proxy] = keys
-            new += 1
-        elif unit_map[proxy] is not None and unit_map[proxy] != keys:
-            unit_map[proxy] = None  # ORT looked at something the proxy does not capture: no shortcut here
+        variants = unit_map.setdefault(proxy, [])
+        new += not variants
+        same = next((v for v in variants if v.nodes == keys), None)
+        if same is not None:
+            same.seen += 1
+        elif len(variants) < MAX_VARIANTS:
+            variants.append(UnitVariant(nodes=keys))
     return new
 
 
 def mapped_keys(
-    unit_map: dict[str, list[str] | None], model: nn.Module, input_shape: Sequence[int], bits: dict[str, int] | None
+    unit_map: dict[str, list[UnitVariant]], model: nn.Module, input_shape: Sequence[int], bits: dict[str, int] | None
 ) -> list[str] | None:
-    """The ORT node keys ``model`` would run, from the map alone; None if any unit is unknown or ambiguous."""
+    """The ORT node keys ``model`` would run, from the map alone (per unit, the node list seen most
+    often); None if any unit's proxy is unknown."""
     keys: list[str] = []
     for proxy in unit_proxies(model, input_shape, bits):
-        nodes = unit_map.get(proxy)
-        if nodes is None:
+        variants = unit_map.get(proxy)
+        if not variants:
             return None
-        keys.extend(nodes)
+        keys.extend(max(variants, key=lambda v: v.seen).nodes)  # max keeps the first of equals
     return keys

@@ -184,6 +184,13 @@ class ValidationSummary(_Strict):
     rows: list[ValidationRow] = Field(default_factory=list)
 
 
+class UnitVariant(_Strict):
+    """One list of ORT nodes an eager unit became in some deployed candidate, and how often it was seen."""
+
+    nodes: list[str]
+    seen: int = Field(default=1, ge=1)
+
+
 class Profile(_Strict):
     """A hardware profile: metadata, the LUT, fitted overhead, calibration samples, validation summaries."""
 
@@ -198,16 +205,16 @@ class Profile(_Strict):
     overhead: Overhead = Field(default_factory=Overhead)
     calibration: list[CalibrationSample] = Field(default_factory=list)
     validation: list[ValidationSummary] = Field(default_factory=list)
-    unit_map: dict[str, list[str] | None] = Field(
+    unit_map: dict[str, list[UnitVariant]] = Field(
         default_factory=dict,
-        description="ONNX Runtime only: eager unit proxy -> the ORT node signatures it becomes (null: ambiguous)",
+        description="ONNX Runtime only: eager unit proxy -> the ORT node lists it became (most often first)",
     )
 
     @model_validator(mode="after")
     def _consistent(self) -> Profile:
         keys = {entry.signature.key() for entry in self.lut}
-        for proxy, nodes in self.unit_map.items():
-            missing = [k for k in nodes or [] if k not in keys]
+        for proxy, variants in self.unit_map.items():
+            missing = [k for variant in variants for k in variant.nodes if k not in keys]
             if missing:
                 raise ValueError(f"unit_map[{proxy!r}] names {missing[0]}, which has no LUT entry")
         seen: set[str] = set()

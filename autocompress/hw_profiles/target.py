@@ -8,7 +8,6 @@ gets profiled under an experiment's space settings.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from autocompress.config import Experiment, load_experiment
 from autocompress.errors import AutocompressError
 from autocompress.hw_profiles.candidates import CandidateBuilder
 from autocompress.hw_profiles.predictor import model_key
+from autocompress.refs import import_callable
 from autocompress.spaces import build_space
 from autocompress.tasks import load_task
 
@@ -34,17 +34,7 @@ class Target:
 
 
 def _import_model(ref: str) -> nn.Module:
-    module_name, sep, func_name = ref.partition(":")
-    if not sep or not module_name or not func_name:
-        raise AutocompressError(f"--model {ref!r}: expected 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise AutocompressError(f"--model {ref!r}: cannot import {module_name!r} ({err})") from None
-    factory = getattr(module, func_name, None)
-    if not callable(factory):
-        raise AutocompressError(f"--model {ref!r}: {module_name!r} has no function {func_name!r}")
-    model = factory()
+    model = import_callable(ref, f"--model {ref!r}")()
     if not isinstance(model, nn.Module):
         raise AutocompressError(f"--model {ref!r}: returned {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -7,7 +7,6 @@ and returns a :class:`Task`.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from autocompress.errors import AutocompressError
 from autocompress.evaluators.accuracy import top1_accuracy
+from autocompress.refs import import_callable
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
 
@@ -71,15 +71,7 @@ def resolve_task_factory(name: str) -> Callable[..., Task]:
     """The factory for a built-in task name or a ``package.module:function`` reference."""
     if name in BUILTIN_TASKS:
         return _builtin_tasks()[name]
-    module_name, _, func_name = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise AutocompressError(f"task {name!r}: cannot import module {module_name!r} ({err})") from None
-    factory = getattr(module, func_name, None)
-    if not callable(factory):
-        raise AutocompressError(f"task {name!r}: module {module_name!r} has no function {func_name!r}")
-    return factory
+    return import_callable(name, f"task {name!r}")
 
 
 def load_task(name: str, args: dict[str, Any] | None = None) -> Task:
