@@ -11,6 +11,7 @@ import time
 
 import optuna
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -93,6 +94,10 @@ def test_pruned_candidates_are_smaller_and_rebuild_to_the_logged_figures(finishe
     assert model(task.example_input(3)).shape == (3, 10)
     assert metrics.params == row.params and metrics.size_bytes == row.size_bytes
     assert metrics.accuracy == pytest.approx(row.accuracy, abs=1e-6)
+    # `select` rebuilds without measuring the cost first (build_candidate): the same model all the same
+    rebuilt = objectives_module.build_candidate(Candidate.from_params(row.candidate), ctx)
+    for (name, a), b in zip(model.state_dict().items(), rebuilt.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_mlflow_holds_parent_and_child_runs(finished_search):

@@ -104,7 +104,13 @@ def finetune_student(
     evaluate: Callable[[nn.Module], float] | None = None,
     on_epoch: Callable[[int, float | None], None] | None = None,
 ) -> Compressed:
-    """Distillation fine-tune of a prepared student (through its quantizers), then bake the weights."""
+    """Distillation fine-tune of a prepared student (through its quantizers), then bake the weights.
+
+    Seeds torch first: the data order and any adapter initialisation then depend on the seed alone,
+    not on what ran between :func:`prepare_student` and here (a search measures the student's cost
+    in between, a rebuild does not), so a rebuilt candidate is the searched one.
+    """
+    torch.manual_seed(settings.seed)
     history = fit(
         student.model,
         train_batches,
