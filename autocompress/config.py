@@ -274,8 +274,9 @@ class Experiment(_Section):
     def _profiles(cls, value: list[str]) -> list[str]:
         from autocompress.hw_profiles.profile import ProfileError, resolve_profile_path
 
-        if len(set(value)) != len(value):
-            raise ValueError(f"profiles {value} repeat an entry")
+        ids = [profile_id(p) for p in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"profiles {value} name a profile twice (latencies are logged by profile name)")
         for name in value:
             if name == "host":
                 raise ValueError(

@@ -118,6 +118,10 @@ def test_profiles_only_search_never_measures_the_host(tmp_path, eager_profile, m
     [
         ({"profiles": ["no-such-profile"]}, "profiles: no-such-profile: no such profile file, nor a shipped profile"),
         ({"profiles": ["host"]}, "profiles: 'host' is this machine"),
+        (
+            {"profiles": ["xeon-torch-eager-1t", "elsewhere/xeon-torch-eager-1t.json"]},
+            "name a profile twice",
+        ),
         ({"latency": {"measure_host": False}}, "latency.measure_host is false and no profiles are named"),
         ({"search": {"primary_profile": "phone"}}, "search.primary_profile 'phone' is not scored; choose one of host"),
     ],
