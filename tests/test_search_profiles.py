@@ -137,3 +137,18 @@ def test_profile_settings_are_validated_in_one_line(tmp_path, change, message, c
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_select_on_a_profile_re_predicts_and_re_measures_where_the_host_matches(profile_search, tmp_path):
+    from autocompress.search.select import Budget, select
+
+    exp, result, _ = profile_search
+    front = result.fronts["tiny-eager"]
+    budget = max(r.latency_ms for r in front)
+    sel = select(exp, "tiny-eager", Budget(max_latency_ms=budget), out_dir=tmp_path / "sel", log=lambda _: None)
+    metrics = sel.card["metrics"]
+    # the rebuilt model is predicted again from the profile: exactly the searched prediction
+    assert metrics["remeasured"]["latency_predicted_ms"] == pytest.approx(sel.row.latency_ms, rel=1e-6)
+    # the profile was measured on this machine and runtime, so the model is also timed here, in eager torch
+    assert metrics["latency_source"].startswith("re-measured on this host, the machine and runtime profile")
+    assert metrics["remeasured"]["latency_ms"] > 0 and metrics["remeasured"]["latency_p90_ms"] is not None

@@ -4,7 +4,9 @@ The member is rebuilt from teacher + candidate + seed (the same :func:`build_can
 used), then scored on the runtime the search scored (:func:`runnable`: for ``onnxruntime`` its int8
 deployment), on the validation split the search saw and on the test split it never saw. The ONNX
 file that is measured is the file that ships. Latency is re-measured only for the ``host`` profile
-(this machine); a lookup-table profile's latency is the searched figure, and the card says so.
+(this machine) and for a hardware profile measured on this kind of machine (same CPU model and
+runtime version); for any other profile the latency is predicted again from the profile for the
+rebuilt model, and the card says which.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import json
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -21,7 +24,8 @@ from typing import Any
 
 from autocompress.config import Experiment
 from autocompress.errors import AutocompressError
-from autocompress.search.objectives import HOST, build_candidate, make_context, runnable
+from autocompress.hw_profiles.predictor import check_host
+from autocompress.search.objectives import HOST, build_candidate, make_context, predicted_latency, runnable
 from autocompress.search.report import Row
 from autocompress.search.store import StoredSearch, load_experiment_search
 from autocompress.search.tracking import Tracker, flatten
@@ -181,10 +185,33 @@ def _remeasure_and_export(compressed: Any, ctx: Any, profile: str, out_dir: Path
         "size_bytes": model_size_bytes(compressed.model, compressed.bits),
         "params": count_parameters(compressed.model),
     }
-    if profile == HOST:
-        timing = measure_latency(
-            executable, task.example_input(lat.batch_size), threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats
+    example = task.example_input(lat.batch_size)
+    hw = dict(ctx.profiles).get(profile)
+    if hw is not None:
+        figures["latency_predicted_ms"] = predicted_latency(compressed.model, compressed.bits, ctx)[profile]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mismatch = check_host(hw)
+        figures["latency_source"] = (
+            f"predicted again from profile {profile!r} for the rebuilt model (this host differs: {'; '.join(mismatch)})"
         )
+        figures["latency_ms"] = figures["latency_predicted_ms"]
+    timed = None
+    if profile == HOST:
+        timed, threads = executable, lat.threads
+        figures["latency_source"] = (
+            f"re-measured on this host ({lat.runtime}, batch {lat.batch_size}, {lat.threads} thread(s), "
+            f"median of {lat.repeats})"
+        )
+    elif hw is not None and not mismatch:
+        timed, threads = (ort_model if hw.runtime.name == "onnxruntime" else compressed.model), hw.host.threads
+        figures["latency_source"] = (
+            f"re-measured on this host, the machine and runtime profile {profile!r} was measured on "
+            f"({hw.runtime.name} {hw.runtime.version}, {threads} thread(s)); the profile predicts "
+            f"{figures['latency_predicted_ms']:.3f} ms"
+        )
+    if timed is not None:
+        timing = measure_latency(timed, example, threads=threads, warmup=lat.warmup, repeats=lat.repeats)
         figures["latency_ms"] = timing.median_ms
         figures["latency_p90_ms"] = timing.p90_ms
     int8 = runtime_int8_layers(ort_model.path, lat.threads) if ort_model.path.name == ONNX_INT8 else []
@@ -206,11 +233,8 @@ def _card(
     teacher_source: str,
 ) -> dict[str, Any]:
     record = search.record(row.trial)
-    latency_source = (
-        f"re-measured on this host ({exp.latency.runtime}, batch {exp.latency.batch_size}, "
-        f"{exp.latency.threads} thread(s), median of {exp.latency.repeats})"
-        if profile == HOST
-        else f"searched figure: profile {profile!r} is not measured on this host, so it is kept from the search"
+    latency_source = measured.get(
+        "latency_source", f"searched figure: profile {profile!r} is not one of this experiment's profiles"
     )
     searched = {
         "accuracy": row.accuracy,
@@ -225,6 +249,7 @@ def _card(
         "test_accuracy": measured["test_accuracy"],
         "latency_ms": measured.get("latency_ms", row.latency_ms),
         "latency_p90_ms": measured.get("latency_p90_ms"),
+        "latency_predicted_ms": measured.get("latency_predicted_ms"),
         "size_bytes": measured["size_bytes"],
         "params": measured["params"],
     }
@@ -369,7 +394,7 @@ def select(
                 "searched.accuracy": row.accuracy,
                 f"searched.latency_ms.{profile}": row.latency_ms,
             },
-            tags={"latency_source": "remeasured" if profile == HOST else "searched"},
+            tags={"latency_source": card["metrics"]["latency_source"][:5000]},
         )
         for path in files.values():
             tracker.log_artifact(run_id, path, ARTIFACT_DIR)
@@ -385,7 +410,7 @@ def describe_selection(sel: Selection) -> str:
     """The lines ``autocompress select`` prints: searched vs re-measured figures, files, MLflow."""
     m = sel.card["metrics"]
     s, r = m["searched"], m["remeasured"]
-    lat_note = "re-measured here" if sel.profile == HOST else "searched (profile not measured on this host)"
+    lat_note = m["latency_source"].split(" (")[0]
     int8 = sel.card["deployment"]["int8_layers"]
     lines = [
         f"selected trial {sel.row.trial} on profile {sel.profile!r} ({sel.budget.describe()}): {sel.row.summary}",
