@@ -229,8 +229,10 @@ def test_sigkill_mid_trial_then_resume_ends_with_exactly_n_trials(tmp_path):
 
 
 def test_parallel_workers_share_the_study_without_lost_or_extra_trials(tmp_path):
-    n_trials = 6
-    data = tiny_experiment_dict(tmp_path / "par", n_trials=n_trials, workers=2)
+    n_trials = 8
+    data = tiny_experiment_dict(tmp_path / "par", n_trials=n_trials, workers=2, early_stop={"enabled": False})
+    # Trials long enough that the second process (spawned: imports, task, cached teacher) joins in time.
+    data["finetune"]["epochs"] = 4
     path = tmp_path / "par.yaml"
     path.write_text(yaml.safe_dump(data))
     exp = parse_experiment(data)
