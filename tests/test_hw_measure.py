@@ -181,8 +181,8 @@ def test_profile_list_shows_shipped_profiles(capsys):
     assert "validated on DigitsCNN" in out and "validated on ResNetCifar" in out
 
 
-def test_unit_map_predicts_with_the_node_list_seen_most_often():
-    """A proxy ORT deployed in two ways keeps both; the map answers with the more frequent one."""
+def test_unit_map_predicts_with_the_dominant_node_list():
+    """A proxy ORT deployed in two ways keeps both; the map answers with one only when it dominates."""
     model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 4)).eval()
     shape = (1, 1, 8, 8)
     proxies = ort_map.unit_proxies(model, shape, {"0": 8})
@@ -194,8 +194,10 @@ def test_unit_map_predicts_with_the_node_list_seen_most_often():
     assert ort_map.learn(unit_map, model, shape, {"0": 8}, units) == 0 and first.seen == 2  # seen again
     other = UnitVariant(nodes=["other-node-list"], seen=1)
     unit_map[proxies[0]].append(other)
-    keys = ort_map.mapped_keys(unit_map, model, shape, {"0": 8})
+    assert ort_map.mapped_keys(unit_map, model, shape, {"0": 8}) is None  # 2 of 3 sightings: no dominant list
+    first.seen = 4
+    keys = ort_map.mapped_keys(unit_map, model, shape, {"0": 8})  # 4 of 5
     assert keys[: len(first.nodes)] == first.nodes
-    other.seen = 3
+    other.seen = 20
     assert ort_map.mapped_keys(unit_map, model, shape, {"0": 8})[0] == "other-node-list"
     assert ort_map.mapped_keys(unit_map, model, shape, None) is None  # fp32 proxies were never seen

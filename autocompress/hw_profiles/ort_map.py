@@ -10,11 +10,14 @@ each optimized node's module scope (``/layer1/layer1.0/conv2/...``) to the unit'
 (:func:`attribute`). Nodes ORT adds without a scope (layout reorders, transposes) go with the next
 scoped node. A proxy seen with different node lists keeps each list with the number of times it
 was seen: ORT then looked at something the proxy does not capture (often only whether a layout
-reorder lands in this unit or its neighbour), and the list seen most often is the best guess.
+reorder lands in this unit or its neighbour). The list seen most often is used only when it
+dominates (``DOMINANT_SHARE`` of the sightings): a close call can be a whole convolution
+attributed to one unit or its neighbour, which is no guess to sum.
 
 Prediction then computes the proxies from the model structure (a millisecond) and sums the mapped
-nodes' LUT entries. A proxy the map does not know sends the prediction to the exact path (deploy
-and read the graph), and the result says which path it took.
+nodes' LUT entries. A proxy the map does not know, or knows without a dominant node list, sends
+the prediction to the exact path (deploy and read the graph), and the result says which path it
+took.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from autocompress.hw_profiles.onnx_graph import NodeUnit
 from autocompress.hw_profiles.profile import OpSignature, UnitVariant
 
 MAX_VARIANTS = 8  # node lists kept per proxy; rarer ones beyond that add nothing to the best guess
+DOMINANT_SHARE = 0.8  # a proxy's most frequent node list must be this share of its sightings to be used
 NCHWC_BLOCK = 16  # ORT's NCHWc block on AVX-512 (8 on AVX2; a multiple of 16 is then also one of 8)
 
 
@@ -141,12 +145,15 @@ def learn(
 def mapped_keys(
     unit_map: dict[str, list[UnitVariant]], model: nn.Module, input_shape: Sequence[int], bits: dict[str, int] | None
 ) -> list[str] | None:
-    """The ORT node keys ``model`` would run, from the map alone (per unit, the node list seen most
-    often); None if any unit's proxy is unknown."""
+    """The ORT node keys ``model`` would run, from the map alone (per unit, its dominant node list);
+    None if any unit's proxy is unknown or has no dominant node list."""
     keys: list[str] = []
     for proxy in unit_proxies(model, input_shape, bits):
         variants = unit_map.get(proxy)
         if not variants:
             return None
-        keys.extend(max(variants, key=lambda v: v.seen).nodes)  # max keeps the first of equals
+        best = max(variants, key=lambda v: v.seen)  # max keeps the first of equals
+        if best.seen < DOMINANT_SHARE * sum(v.seen for v in variants):
+            return None
+        keys.extend(best.nodes)
     return keys
