@@ -176,7 +176,8 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 def test_sigkill_mid_trial_then_resume_ends_with_exactly_n_trials(tmp_path):
     n_trials = 4
-    data = tiny_experiment_dict(tmp_path / "kill", n_trials=n_trials)
+    # Early stop off: the re-run of the killed trial must run to its end, not be stopped as hopeless.
+    data = tiny_experiment_dict(tmp_path / "kill", n_trials=n_trials, early_stop={"enabled": False})
     data["finetune"]["epochs"] = 3  # trials long enough to be killed in the middle of one
     path = tmp_path / "kill.yaml"
     path.write_text(yaml.safe_dump(data))
