@@ -101,6 +101,11 @@ def counted(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and not trial.user_attrs.get(INTERRUPTED)
 
 
+def finished_count(study: optuna.Study) -> int:
+    """Trials of ``study`` that count toward ``n_trials`` (see :func:`counted`), whichever worker ran them."""
+    return sum(counted(t) for t in study.get_trials(deepcopy=False))
+
+
 def fingerprint(exp: Experiment, space: SearchSpace) -> str:
     """Hash of everything that makes trials comparable; a resumed study must match it."""
     payload = {
@@ -390,7 +395,7 @@ def run_search(
         f"MLflow run {parent_id} at {exp.tracking_uri}"
     )
 
-    done = sum(counted(t) for t in study.get_trials(deepcopy=False))
+    done = finished_count(study)
     loop = _OptunaLoop(
         study, setup, exp, tracker, parent_id, _Progress(exp.search.n_trials, done, teacher_metrics, exp.primary, log)
     )
@@ -401,7 +406,7 @@ def run_search(
         done = run_trials(study, loop, exp, started, log)
     except KeyboardInterrupt:
         status = "KILLED"
-        done = sum(counted(t) for t in study.get_trials(deepcopy=False))
+        done = finished_count(study)
         raise SearchInterrupted(
             f"interrupted: {done} finished trial(s) kept in study {study.study_name!r}; "
             "continue with the same command plus --resume"
@@ -472,7 +477,7 @@ def _worker_main(exp_data: dict, study_name: str, parent_id: str, teacher: dict[
     # Each worker samples with its own seed: identical samplers would propose identical trials.
     study.sampler = make_sampler(exp.search, exp.search_seed + 7919 * index + len(study.trials))
     tracker = Tracker(exp.tracking_uri, exp.tracking.experiment or exp.name, exp.artifact_root)
-    done = sum(counted(t) for t in study.get_trials(deepcopy=False))
+    done = finished_count(study)
     progress = _Progress(exp.search.n_trials, done, teacher, exp.primary, log)
     try:
         run_trials(study, _OptunaLoop(study, setup, exp, tracker, parent_id, progress), exp, time.monotonic(), log)
@@ -511,7 +516,7 @@ class _OptunaLoop:
         )
 
     def _report(self, number: int, metrics: dict[str, float] | None, reason: str = "", **kw) -> None:
-        done = sum(counted(t) for t in self.study.get_trials(deepcopy=False))
+        done = finished_count(self.study)
         self.progress.trial(number, metrics, self._front_size(), reason, done=done, **kw)
 
     def _front_size(self) -> int:
