@@ -168,7 +168,57 @@ def _quantize(
             # of each tensor, so memory is not the issue, and in ORT 1.32 that option gave narrower ranges than
             # the global min/max (measured on the digits CNN), breaking parity with the torch observers.
         )
+    fold_fp32_constants(out_path, set(exclude_nodes))
     return out_path
+
+
+def fold_fp32_constants(onnx_path: Path, fp32_nodes: set[str]) -> int:
+    """Give the fp32 nodes that read a ``DequantizeLinear`` of a constant the float value instead.
+
+    ``quantize_static`` quantizes the bias of an int8 Conv, and the exporter shares identical
+    constants between layers (two zero biases become one initializer), so a Conv told to stay fp32
+    can end up reading its bias through a ``DequantizeLinear`` too. ORT then sees a Conv whose bias is
+    computed at run time, cannot pre-pack it into its blocked NCHWc layout and falls back to a plain
+    ``FusedConv``: on the digits CNN such an fp32 convolution ran 2.3x slower (137 us against 58 us).
+    The float value is the dequantized one ORT computed anyway, so the numbers do not change. A
+    ``DequantizeLinear`` left without readers is removed. Rewrites ``onnx_path`` in place; returns the
+    number of fp32 nodes rewired.
+    """
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    constants = {init.name: init for init in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    rewired, dropped = 0, []
+    for node in list(graph.node):
+        if node.op_type != "DequantizeLinear" or not all(name in constants for name in node.input if name):
+            continue
+        users = [user for user in readers.get(node.output[0], []) if user.name in fp32_nodes]
+        if not users:
+            continue
+        values = [onnx.numpy_helper.to_array(constants[name]) for name in node.input if name]
+        q, scale = values[0].astype(np.float64), values[1].astype(np.float64)
+        zero = values[2].astype(np.float64) if len(values) > 2 else np.zeros_like(scale)
+        if scale.ndim == 1 and q.ndim > 0:  # per-axis: line the scale up with its axis
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % q.ndim
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        name = f"{node.output[0]}_fp32"
+        graph.initializer.append(onnx.numpy_helper.from_array(((q - zero) * scale).astype(np.float32), name))
+        for user in users:
+            user.input[:] = [name if i == node.output[0] else i for i in user.input]
+            rewired += 1
+        if len(users) == len(readers[node.output[0]]) and node.output[0] not in outputs:
+            dropped.append(node)
+    for node in dropped:
+        graph.node.remove(node)
+    if rewired:
+        onnx.save(model, str(onnx_path))
+    return rewired
 
 
 def quantize_onnx(
