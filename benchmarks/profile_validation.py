@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import statistics
 from pathlib import Path
 
 from autocompress.hw_profiles.measure import default_cpu
+from autocompress.hw_profiles.probe import drift
 from autocompress.hw_profiles.profile import load_profile, save_profile
 from autocompress.hw_profiles.target import load_target
 from autocompress.hw_profiles.validate import VALIDATION_SEED, validate_profile
@@ -65,10 +67,15 @@ def main() -> int:
                     log=lambda _: None,
                 )
                 s = report.summary
+                bias = statistics.mean((r.predicted_ms / r.measured_ms - 1) * 100 for r in s.rows)
+                machine = "no probe in profile"
+                if profile.probe is not None and s.probe is not None:
+                    d, c = drift(profile.probe, s.probe)
+                    machine = f"machine drift dispatch {d:+5.1f}% compute {c:+5.1f}%"
                 lines.append(
                     f"{profile.id:<24} {name:<9} round {round_}: |error| median {s.median_abs_error_pct:5.2f}%  "
-                    f"p90 {s.p90_abs_error_pct:5.2f}%  max {s.max_abs_error_pct:5.2f}%  "
-                    f"predict {report.predict_ms_median:7.2f} ms/candidate"
+                    f"p90 {s.p90_abs_error_pct:5.2f}%  max {s.max_abs_error_pct:5.2f}%  bias {bias:+5.2f}%  "
+                    f"predict {report.predict_ms_median:7.2f} ms/candidate  {machine}"
                 )
                 print(lines[-1], flush=True)
                 if round_ == 0:

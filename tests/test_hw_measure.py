@@ -101,6 +101,8 @@ def test_tiny_measure_and_validate(experiment, target, tmp_path, capsys):
     assert load_profile(out) == profile
     assert len(profile.lut) > 5 and len(profile.calibration) == 3
     assert target.model_name in profile.overhead.constant_ms
+    assert profile.probe is not None  # the machine-state reading taken with the calibration
+    assert all(s.lut_by_op and sum(s.lut_by_op.values()) == pytest.approx(s.lut_ms) for s in profile.calibration)
     # Every candidate of the space is predicted from measured entries only (the space was enumerated).
     model, bits = target.builder.build(target.builder.sample(random.Random(1)))
     prediction = predict(model, target.example_input, profile, bits)
@@ -110,7 +112,9 @@ def test_tiny_measure_and_validate(experiment, target, tmp_path, capsys):
     assert all(r.measured_ms > 0 and r.predicted_ms > 0 for r in report.summary.rows)
     assert {p.suffix for p in report.files} == {".csv", ".png", ".json"}
     assert all(p.stat().st_size > 0 for p in report.files)
-    assert "|error| median" in capsys.readouterr().out
+    assert report.summary.probe is not None
+    out = capsys.readouterr().out
+    assert "|error| median" in out and "machine vs when the profile was calibrated" in out
 
 
 def test_killed_measurement_resumes(target, tmp_path, monkeypatch):

@@ -22,7 +22,8 @@ from autocompress.hw_profiles import (
 )
 from autocompress.hw_profiles.host import cpu_model, runtime_version
 from autocompress.hw_profiles.predictor import check_host
-from autocompress.hw_profiles.profile import CalibrationSample, Overhead, parse_profile
+from autocompress.hw_profiles.probe import describe_drift, drift, read_probe
+from autocompress.hw_profiles.profile import CalibrationSample, Overhead, ProbeReading, parse_profile
 
 
 def conv(cin: int, cout: int, size: int = 8, dtype: str = "fp32") -> OpSignature:
@@ -207,6 +208,49 @@ def test_overhead_fit_recovers_a_per_model_scale():
     assert pred.scale == pytest.approx(1.2) and pred.latency_ms == pytest.approx(1.2 * 4.0 + 0.1)
     # Too few samples of a model to fit a scale: it stays 1.
     assert fit_overhead(samples[:3]).scale["a.A"] == 1.0
+
+
+def test_overhead_fit_gives_the_dominant_operator_kinds_their_own_scale():
+    # Convolutions 1.3x slower in the model than alone, max-pools 0.7x, the small rest as measured.
+    rows = [(c, p, r) for c in (0.2, 0.5, 0.9) for p in (0.1, 0.3) for r in (0.01, 0.02)]
+    samples = [
+        CalibrationSample(
+            model="a.A",
+            n_ops=10,
+            lut_ms=c + p + r,
+            measured_ms=1.3 * c + 0.7 * p + r + 0.05,
+            lut_by_op={"conv2d+bn+relu": c, "maxpool2d": p, "linear": r},
+        )
+        for c, p, r in rows
+    ]
+    fitted = fit_overhead(samples)
+    assert fitted.op_scale["a.A"] == pytest.approx({"conv2d+bn+relu": 1.3, "maxpool2d": 0.7})
+    assert fitted.constant_ms["a.A"] == pytest.approx(0.05) and fitted.scale["a.A"] == 1.0
+    assert fitted.residual_pct == pytest.approx(0.0, abs=1e-9)
+    lut = [entry(conv(8, 8), 0.4), entry(pool(8), 0.2)]
+    prof = parse_profile(profile_dict(lut, overhead=fitted.model_dump()))
+    pred = predict_signatures([conv(8, 8), pool(8)], prof, "a.A")
+    assert pred.latency_ms == pytest.approx(1.3 * 0.4 + 0.7 * 0.2 + 0.05)
+    assert pred.scale == pytest.approx((1.3 * 0.4 + 0.7 * 0.2) / 0.6)
+    # Four samples per scale are needed: with 8, only the larger kind keeps its own scale.
+    few = fit_overhead(samples[:8])
+    assert list(few.op_scale["a.A"]) == ["conv2d+bn+relu"]
+    # Samples without the split (profiles from before it) fall back to one scale for the model.
+    legacy = fit_overhead([s.model_copy(update={"lut_by_op": {}}) for s in samples])
+    assert legacy.op_scale == {} and legacy.scale["a.A"] != 1.0
+
+
+def test_probe_drift_is_reported_against_the_profile_reading():
+    reference = ProbeReading(dispatch_us=50.0, compute_ms=0.5)
+    assert drift(reference, ProbeReading(dispatch_us=60.0, compute_ms=0.45)) == pytest.approx((20.0, -10.0))
+    assert "steady" in describe_drift(reference, ProbeReading(dispatch_us=51.0, compute_ms=0.49))
+    assert "DRIFTED" in describe_drift(reference, ProbeReading(dispatch_us=60.0, compute_ms=0.5))
+    assert "no probe reading" in describe_drift(None, reference)
+    reading = read_probe()
+    assert reading.dispatch_us > 0 and reading.compute_ms > 0
+    # A reading stored in a profile survives the file round trip.
+    prof = parse_profile(profile_dict([entry(conv(8, 8), 1.0)], probe=reading.model_dump()))
+    assert parse_profile(json.loads(prof.model_dump_json())).probe == reading
 
 
 def test_profile_from_another_machine_warns(profile):

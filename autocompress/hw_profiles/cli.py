@@ -194,9 +194,9 @@ def add_profile_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--calibration",
         type=int,
-        default=12,
+        default=32,
         metavar="N",
-        help="random candidates timed end to end to fit the overhead terms (default 12)",
+        help="random candidates timed end to end to fit the overhead terms (default 32: 4 per fitted scale)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random enumeration pool (default 0)")
     p.add_argument("--id", metavar="ID", help="profile id for a new profile (default <runtime>-<threads>t)")

@@ -37,7 +37,8 @@ from autocompress.errors import AutocompressError
 from autocompress.evaluators.latency import Latency, pinned_cpu, time_callable
 from autocompress.hw_profiles import eager, onnx_graph, ort_map
 from autocompress.hw_profiles.host import cpu_model, runtime_version
-from autocompress.hw_profiles.predictor import UnpredictableSignature, fit_overhead, lookup
+from autocompress.hw_profiles.predictor import UnpredictableSignature, fit_overhead, lookup, lut_by_op
+from autocompress.hw_profiles.probe import read_probe
 from autocompress.hw_profiles.profile import (
     CalibrationSample,
     HostInfo,
@@ -73,7 +74,7 @@ class MeasureSettings:
     cpu: int | None = None
     pool: int = 4096
     seed: int = 0
-    calibration: int = 12
+    calibration: int = 32
     profile_id: str | None = None
     description: str = ""
 
@@ -250,12 +251,15 @@ def measure_profile(
             _calibrate(target, settings, runtime, writer, log)
     finally:
         writer.save(force=True)
+    overhead = writer.profile.overhead
+    kinds = overhead.op_scale.get(target.model_name, {})
+    whole = f"{overhead.scale.get(target.model_name, 1.0):.3f}"
+    scales = ", ".join(f"{op} {v:.3f}" for op, v in kinds.items()) or whole
     log(
         f"{out}: {len(writer.entries)} signatures, {len(writer.samples)} calibration samples, "
-        f"overhead per-op {writer.profile.overhead.per_op_ms * 1e3:.2f} us, {target.model_name} "
-        f"scale {writer.profile.overhead.scale.get(target.model_name, 1.0):.3f}, "
-        f"constant {writer.profile.overhead.constant_ms.get(target.model_name, 0.0):.4f} ms "
-        f"(fit residual {writer.profile.overhead.residual_pct or 0:.2f}%); {duration(time.monotonic() - started)}"
+        f"overhead per-op {overhead.per_op_ms * 1e3:.2f} us, {target.model_name} scale {scales}, "
+        f"constant {overhead.constant_ms.get(target.model_name, 0.0):.4f} ms "
+        f"(fit residual {overhead.residual_pct or 0:.2f}%); {duration(time.monotonic() - started)}"
     )
     return writer.profile
 
@@ -331,28 +335,30 @@ def _calibrate(
             sigs = _measure_missing(target, candidate, settings, runtime, writer)
             profile = writer.save(force=True)
             try:
-                lut_ms = sum(lookup(profile, sig)[0] for sig in sigs)
+                split = lut_by_op([(sig.key(), lookup(profile, sig)[0]) for sig in sigs])
             except UnpredictableSignature as err:  # cannot happen: every signature was just measured
                 raise AutocompressError(f"calibration: {err}") from None
             model, bits = target.builder.build(candidate)
             run = stack.enter_context(runtime.end_to_end(model, target.example_input, bits, settings.threads))
-            pending.append((candidate, len(sigs), lut_ms, run))
+            pending.append((candidate, len(sigs), split, run))
             progress.update(i + 1, note="preparing")
+        probe = read_probe(settings.threads, now_iso()) if pending else writer.profile.probe
         # Separate passes, quietest median per candidate: a burst of other load must hit a candidate twice.
         measured = [float("inf")] * len(pending)
         for p in range(CALIBRATION_PASSES):
             for i, (_, _, _, run) in enumerate(pending):
                 measured[i] = min(measured[i], _time(run, settings).median_ms)
                 progress.update(len(todo) * (1 + p) + i + 1, note=f"timing, pass {p + 1}/{CALIBRATION_PASSES}")
-    for (candidate, n_ops, lut_ms, _), ms in zip(pending, measured, strict=True):
+    for (candidate, n_ops, split, _), ms in zip(pending, measured, strict=True):
         writer.samples.append(
             CalibrationSample(
                 model=target.model_name,
                 candidate=candidate_label(candidate),
                 n_ops=n_ops,
-                lut_ms=lut_ms,
+                lut_ms=sum(split.values()),
                 measured_ms=ms,
+                lut_by_op=split,
             )
         )
     progress.close()
-    writer.save(force=True, overhead=fit_overhead(writer.samples))
+    writer.save(force=True, overhead=fit_overhead(writer.samples), probe=probe)

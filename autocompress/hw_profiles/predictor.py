@@ -1,6 +1,6 @@
 """Latency from a profile: the sum of the LUT entries of a model's operators plus fitted overhead.
 
-``predicted = scale[model] * sum(LUT[op] for op in ops) + constant[model] + per_op * len(ops)``
+``predicted = sum(scale[model, kind(op)] * LUT[op] for op in ops) + constant[model] + per_op * len(ops)``
 
 Isolated timing misses what happens *between* operators and around the model call (dispatch
 between modules, container ``forward`` calls, the session run and tensor conversion), and it runs
@@ -8,11 +8,15 @@ each operator with its weights hot in cache, which a model larger than the cache
 (ResNet-18's 45 MB of weights stream from L3 on every call: its convolutions ran ~20% slower in the
 model than alone on the machine the shipped profiles come from). So the overhead terms are fitted
 by least squares on end-to-end measurements of a handful of random candidates
-(:func:`fit_overhead`). The fit minimises *relative* error (rows weighted by 1/measured), which is
-what the validation reports. The per-op term is only identifiable when the operator count varies
-between candidates of one model (int8 layers add quantize nodes, low-rank adds layers); when it
-does not, it is fixed at 0 and the per-model constant absorbs it. The scale needs at least
-``MIN_SCALE_SAMPLES`` samples of a model; with fewer it stays 1.
+(:func:`fit_overhead`). The scale is per operator kind for the kinds that carry much of a model's
+time: on the digits CNN, convolutions ran ~1.3x slower in the model than alone and max-pools ~0.7x
+(post-ReLU input instead of random data explains ~6 points of the latter), so one scale for both
+left a per-candidate error of ~5% that followed the mix of the two. The fit minimises *relative*
+error (rows weighted by 1/measured), which is what the validation reports. The per-op term is only
+identifiable when the operator count varies between candidates of one model (int8 layers add
+quantize nodes, low-rank adds layers); when it does not, it is fixed at 0 and the per-model
+constant absorbs it. Each scale needs ``MIN_SCALE_SAMPLES`` samples of a model; with fewer there is
+one scale, or none (1).
 
 A signature missing from the LUT is interpolated over channel counts between measured neighbours of
 its family (same op, kernel, stride, input size, dtype, batch): bilinear in (in, out) — exact for
@@ -41,6 +45,7 @@ from autocompress.hw_profiles.profile import CalibrationSample, LutEntry, OpSign
 from autocompress.hw_profiles.runtimes import get_runtime
 
 MIN_SCALE_SAMPLES = 4
+KIND_SHARE = 0.15  # an operator kind with this share of a model's LUT time gets its own scale
 
 
 class UnpredictableSignature(AutocompressError):
@@ -66,7 +71,7 @@ class Prediction:
 
     latency_ms: float
     lut_ms: float  # raw sum of the operators' LUT entries
-    scale: float  # the model's fitted scale on that sum
+    scale: float  # the fitted scales' net effect on that sum (scaled sum / lut_ms)
     overhead_ms: float  # constant + per-op terms
     n_ops: int
     profile: str
@@ -187,52 +192,101 @@ def overhead_terms(overhead: Overhead, model: str, n_ops: int) -> tuple[float, f
     return scale, constant + overhead.per_op_ms * n_ops, own
 
 
-def fit_overhead(samples: Sequence[CalibrationSample]) -> Overhead:
-    """Least-squares fit of per-model scale and constant and a shared per-op term to the measurements.
+def scaled_sum(overhead: Overhead, model: str, lut_by_op: dict[str, float]) -> float:
+    """The model's LUT time with each operator kind's fitted scale applied (the model scale otherwise)."""
+    scale, _, own = overhead_terms(overhead, model, 1)
+    kinds = overhead.op_scale.get(model, {}) if own else {}
+    return sum(kinds.get(op, scale) * ms for op, ms in lut_by_op.items())
 
-    Solves ``measured = scale[m] * lut + constant[m] + per_op * n_ops`` with rows weighted by
-    1/measured (relative error). The per-op term is dropped (0) when the operator count does not vary
-    within any model, since it is then indistinguishable from the constants; a model with fewer than
-    ``MIN_SCALE_SAMPLES`` samples (or no spread in its LUT sums) keeps scale 1. Models without samples
-    get the medians of the fitted scales and constants.
+
+def _kind_split(samples: Sequence[CalibrationSample]) -> list[str]:
+    """The operator kinds of one model that get their own scale: each carries ``KIND_SHARE`` of its
+    calibration LUT time, and there are ``MIN_SCALE_SAMPLES`` samples per fitted scale."""
+    if not samples or any(not s.lut_by_op for s in samples):
+        return []
+    totals: dict[str, float] = {}
+    for s in samples:
+        for op, ms in s.lut_by_op.items():
+            totals[op] = totals.get(op, 0.0) + ms
+    whole = sum(totals.values())
+    big = sorted(op for op, ms in totals.items() if whole > 0 and ms >= KIND_SHARE * whole)
+    while big and len(samples) < MIN_SCALE_SAMPLES * (len(big) + 1):
+        big.remove(min(big, key=totals.__getitem__))
+    spread = all(np.ptp([s.lut_by_op.get(op, 0.0) for s in samples]) > 0 for op in big)
+    return big if spread else []
+
+
+def fit_overhead(samples: Sequence[CalibrationSample]) -> Overhead:
+    """Least-squares fit of per-model scales and constant and a shared per-op term to the measurements.
+
+    Solves ``measured = sum(scale[m, kind] * lut[kind]) + constant[m] + per_op * n_ops`` with rows
+    weighted by 1/measured (relative error). A model's scales: one per operator kind that carries
+    ``KIND_SHARE`` of its LUT time when its samples allow (``MIN_SCALE_SAMPLES`` per scale), the rest
+    of its operators at scale 1; else one scale for all its operators, or 1 with fewer than
+    ``MIN_SCALE_SAMPLES`` samples (or no spread in its LUT sums). The per-op term is dropped (0) when
+    the operator count does not vary within any model, since it is then indistinguishable from the
+    constants. Models without samples get the medians of the fitted scales and constants.
     """
     if not samples:
         return Overhead()
     models = sorted({s.model for s in samples})
-    scaled = [
-        m
+    by_model = {m: [s for s in samples if s.model == m] for m in models}
+    kinds = {m: _kind_split(by_model[m]) for m in models}
+    whole = {
+        m: not kinds[m] and len(by_model[m]) >= MIN_SCALE_SAMPLES and np.ptp([s.lut_ms for s in by_model[m]]) > 0
         for m in models
-        if sum(s.model == m for s in samples) >= MIN_SCALE_SAMPLES
-        and np.ptp([s.lut_ms for s in samples if s.model == m]) > 0
-    ]
-    identifiable = any(len({s.n_ops for s in samples if s.model == m}) > 1 for m in models)
-    columns = len(models) + len(scaled) + int(identifiable)
-    design = np.zeros((len(samples), columns))
+    }
+    columns: list[tuple[str, str]] = [(m, "") for m in models]  # constants
+    columns += [(m, op) for m in models for op in kinds[m]] + [(m, "*") for m in models if whole[m]]
+    identifiable = any(len({s.n_ops for s in by_model[m]}) > 1 for m in models)
+    design = np.zeros((len(samples), len(columns) + int(identifiable)))
     target = np.array([s.measured_ms for s in samples])
     for r, s in enumerate(samples):
-        design[r, models.index(s.model)] = 1.0
-        if s.model in scaled:
-            design[r, len(models) + scaled.index(s.model)] = s.lut_ms
+        design[r, columns.index((s.model, ""))] = 1.0
+        if whole[s.model]:
+            design[r, columns.index((s.model, "*"))] = s.lut_ms
+        elif kinds[s.model]:
+            for op, ms in s.lut_by_op.items():
+                if op in kinds[s.model]:
+                    design[r, columns.index((s.model, op))] = ms
+                else:
+                    target[r] -= ms  # scale fixed at 1
         else:
             target[r] -= s.lut_ms  # scale fixed at 1
         if identifiable:
             design[r, -1] = s.n_ops
     weights = 1.0 / np.array([s.measured_ms for s in samples])
     coef, *_ = np.linalg.lstsq(design * weights[:, None], target * weights, rcond=None)
-    constants = {m: float(coef[i]) for i, m in enumerate(models)}
-    scales = {m: (float(coef[len(models) + scaled.index(m)]) if m in scaled else 1.0) for m in models}
+    value = {column: float(coef[i]) for i, column in enumerate(columns)}
+    constants = {m: value[(m, "")] for m in models}
+    scales = {m: value.get((m, "*"), 1.0) for m in models}
     fitted = Overhead(
         per_op_ms=float(coef[-1]) if identifiable else 0.0,
         constant_ms=constants,
         default_constant_ms=float(np.median(list(constants.values()))),
         scale=scales,
+        op_scale={m: {op: value[(m, op)] for op in kinds[m]} for m in models if kinds[m]},
         default_scale=float(np.median(list(scales.values()))),
     )
     errors = []
     for s in samples:
-        scale, extra, _ = overhead_terms(fitted, s.model, s.n_ops)
-        errors.append(abs(scale * s.lut_ms + extra - s.measured_ms) / s.measured_ms * 100)
+        _, extra, _ = overhead_terms(fitted, s.model, s.n_ops)
+        lut = scaled_sum(fitted, s.model, s.lut_by_op) if s.lut_by_op else scales[s.model] * s.lut_ms
+        errors.append(abs(lut + extra - s.measured_ms) / s.measured_ms * 100)
     return fitted.model_copy(update={"residual_pct": float(np.median(errors))})
+
+
+def op_kind(signature_key: str) -> str:
+    """The operator kind of a LUT key (its ``op`` field): what per-kind scales are keyed by."""
+    return signature_key.split("|", 2)[1]
+
+
+def lut_by_op(ops: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """LUT time per operator kind of (signature key, ms) pairs."""
+    split: dict[str, float] = {}
+    for key, ms in ops:
+        split[op_kind(key)] = split.get(op_kind(key), 0.0) + ms
+    return split
 
 
 # --- prediction ------------------------------------------------------------------------------
@@ -240,11 +294,12 @@ def fit_overhead(samples: Sequence[CalibrationSample]) -> Overhead:
 
 def _prediction(ops: list[OpLatency], profile: Profile, model: str, source: str) -> Prediction:
     total = sum(op.ms for op in ops)
-    scale, extra, own = overhead_terms(profile.overhead, model, len(ops))
+    _, extra, own = overhead_terms(profile.overhead, model, len(ops))
+    scaled = scaled_sum(profile.overhead, model, lut_by_op([(op.signature, op.ms) for op in ops]))
     return Prediction(
-        latency_ms=scale * total + extra,
+        latency_ms=scaled + extra,
         lut_ms=total,
-        scale=scale,
+        scale=scaled / total if total > 0 else 1.0,
         overhead_ms=extra,
         n_ops=len(ops),
         profile=profile.id,

@@ -131,6 +131,14 @@ class MeasurementInfo(_Strict):
     pinned_cpu: int | None = None
 
 
+class ProbeReading(_Strict):
+    """Per-call times of the machine-state probe's two workloads (:mod:`.probe`), and when."""
+
+    dispatch_us: float = Field(gt=0, description="8 x Linear(16, 16) + ReLU at batch 1, per call")
+    compute_ms: float = Field(gt=0, description="Conv2d(64, 64, 3x3) at 1x64x32x32, per call")
+    measured_at: str = ""
+
+
 class CalibrationSample(_Strict):
     """One end-to-end measurement used to fit the overhead terms."""
 
@@ -139,10 +147,15 @@ class CalibrationSample(_Strict):
     n_ops: int = Field(ge=1)
     lut_ms: float = Field(ge=0)
     measured_ms: float = Field(gt=0)
+    lut_by_op: dict[str, float] = Field(default_factory=dict, description="lut_ms split by operator kind")
 
 
 class Overhead(_Strict):
-    """Fitted terms: ``latency = scale[model] * LUT sum + constant_ms[model] + per_op_ms * operators``.
+    """Fitted terms: ``latency = sum(scale * LUT entry) + constant_ms[model] + per_op_ms * operators``.
+
+    An entry's scale is ``op_scale[model][op kind]`` for the kinds that carry a large share of the
+    model's time (a convolution and a max-pool do not gain or lose the same inside a model: cache,
+    activations that are not random), else ``scale[model]``.
 
     The per-op term is the framework's dispatch cost between operators that isolated timing does not
     see; the per-model constant is what one call of the whole model costs beyond its operators
@@ -155,6 +168,7 @@ class Overhead(_Strict):
     constant_ms: dict[str, float] = Field(default_factory=dict)
     default_constant_ms: float = 0.0
     scale: dict[str, float] = Field(default_factory=dict)
+    op_scale: dict[str, dict[str, float]] = Field(default_factory=dict)
     default_scale: float = Field(default=1.0, gt=0)
     residual_pct: float | None = Field(default=None, description="median |error| % of the fit on its samples")
 
@@ -181,6 +195,7 @@ class ValidationSummary(_Strict):
     max_abs_error_pct: float
     measured_at: str
     command: str = ""
+    probe: ProbeReading | None = Field(default=None, description="machine-state probe taken before the timing")
     rows: list[ValidationRow] = Field(default_factory=list)
 
 
@@ -204,6 +219,7 @@ class Profile(_Strict):
     lut: list[LutEntry] = Field(default_factory=list)
     overhead: Overhead = Field(default_factory=Overhead)
     calibration: list[CalibrationSample] = Field(default_factory=list)
+    probe: ProbeReading | None = Field(default=None, description="machine-state probe of the last calibration")
     validation: list[ValidationSummary] = Field(default_factory=list)
     unit_map: dict[str, list[UnitVariant]] = Field(
         default_factory=dict,

@@ -27,7 +27,8 @@ import numpy as np
 from autocompress.evaluators.latency import pinned_cpu, time_callable
 from autocompress.hw_profiles.measure import candidate_label, now_iso
 from autocompress.hw_profiles.predictor import predict
-from autocompress.hw_profiles.profile import Profile, ValidationRow, ValidationSummary
+from autocompress.hw_profiles.probe import describe_drift, read_probe
+from autocompress.hw_profiles.profile import ProbeReading, Profile, ValidationRow, ValidationSummary
 from autocompress.hw_profiles.progress import Progress
 from autocompress.hw_profiles.runtimes import get_runtime
 from autocompress.hw_profiles.target import Target
@@ -54,8 +55,10 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q, method="linear"))
 
 
-def summarize(rows: list[ValidationRow], model: str, experiment: str, command: str = "") -> ValidationSummary:
-    """Median, p90 and max absolute % error of ``rows``."""
+def summarize(
+    rows: list[ValidationRow], model: str, experiment: str, command: str = "", probe: ProbeReading | None = None
+) -> ValidationSummary:
+    """Median, p90 and max absolute % error of ``rows`` (``probe``: the machine-state reading taken)."""
     errors = [r.abs_error_pct for r in rows]
     return ValidationSummary(
         model=model,
@@ -66,6 +69,7 @@ def summarize(rows: list[ValidationRow], model: str, experiment: str, command: s
         max_abs_error_pct=max(errors),
         measured_at=now_iso(),
         command=command,
+        probe=probe,
         rows=rows,
     )
 
@@ -191,6 +195,7 @@ def validate_profile(
             predict_ms.append((time.perf_counter() - start) * 1e3)
             runs.append(stack.enter_context(runtime.end_to_end(model, target.example_input, bits, threads)))
             progress.update(i + 1, note="predicting")
+        probe = read_probe(threads, now_iso())
         # Every candidate is timed in PASSES separate passes and keeps its quietest median: a burst
         # of other work on the machine then has to hit the same candidate twice to skew it.
         measured = [float("inf")] * n
@@ -218,10 +223,11 @@ def validate_profile(
             )
         )
     progress.close()
-    summary = summarize(rows, target.model_name, target.experiment.name, command)
+    summary = summarize(rows, target.model_name, target.experiment.name, command, probe)
     report = ValidationReport(summary=summary, predict_ms=predict_ms)
     if out_dir is not None:
         stem = f"validation_{profile.id}_{target.model_name.rsplit('.', 1)[-1]}"
         report.files = write_files(report, profile.id, out_dir, stem)
     log(format_table(summary, profile.id, report.predict_ms_median))
+    log(describe_drift(profile.probe, probe))
     return report
