@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import statistics
+from collections import Counter
 from pathlib import Path
 
 from autocompress.hw_profiles.measure import default_cpu
@@ -72,10 +73,12 @@ def main() -> int:
                 if profile.probe is not None and s.probe is not None:
                     d, c = drift(profile.probe, s.probe)
                     machine = f"machine drift dispatch {d:+5.1f}% compute {c:+5.1f}%"
+                via = ", ".join(f"{n} {k}" for k, n in Counter(r.source for r in s.rows).most_common())
                 lines.append(
                     f"{profile.id:<24} {name:<9} round {round_}: |error| median {s.median_abs_error_pct:5.2f}%  "
                     f"p90 {s.p90_abs_error_pct:5.2f}%  max {s.max_abs_error_pct:5.2f}%  bias {bias:+5.2f}%  "
-                    f"predict {report.predict_ms_median:7.2f} ms/candidate  {machine}"
+                    f"predict {report.predict_ms_median:6.2f} ms/candidate (max {max(report.predict_ms):6.1f}; "
+                    f"{via})  {machine}"
                 )
                 print(lines[-1], flush=True)
                 if round_ == 0:

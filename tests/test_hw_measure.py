@@ -16,10 +16,11 @@ from autocompress.compress.prune import prune
 from autocompress.evaluators.latency import torch_threads
 from autocompress.hw_profiles import load_profile, ort_map, predict
 from autocompress.hw_profiles import measure as measure_mod
-from autocompress.hw_profiles.eager import build_unit, eager_signatures
+from autocompress.hw_profiles.eager import build_unit, eager_signatures, unit_graph
+from autocompress.hw_profiles.host import cpu_model, runtime_version
 from autocompress.hw_profiles.measure import MeasureSettings, measure_profile
 from autocompress.hw_profiles.onnx_graph import model_units, unit_callable
-from autocompress.hw_profiles.profile import UnitVariant
+from autocompress.hw_profiles.profile import Profile, UnitVariant, parse_profile
 from autocompress.hw_profiles.target import load_target
 from autocompress.hw_profiles.validate import validate_profile
 from autocompress.models import resnet18_cifar
@@ -185,23 +186,101 @@ def test_profile_list_shows_shipped_profiles(capsys):
     assert "validated on DigitsCNN" in out and "validated on ResNetCifar" in out
 
 
-def test_unit_map_predicts_with_the_dominant_node_list():
-    """A proxy ORT deployed in two ways keeps both; the map answers with one only when it dominates."""
-    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 4)).eval()
-    shape = (1, 1, 8, 8)
-    proxies = ort_map.unit_proxies(model, shape, {"0": 8})
-    units = model_units(model, torch.randn(*shape), {"0": 8}, 1)
+def test_unit_map_learns_node_templates_that_carry_to_other_channel_counts():
+    """One deployment teaches the map how every unit deploys, as templates over its channel counts: a
+    model pruned to other counts is then predicted node for node without deploying it; a key seen
+    deployed in two ways is used only when one way dominates."""
+
+    def net(width: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(width * 64, 4))
+
+    shape, bits = (1, 1, 8, 8), {"0": 8}
+    seen, other = net(48).eval(), net(64).eval()
+    units = model_units(seen, torch.randn(*shape), bits, 1)
     unit_map: dict = {}
-    assert ort_map.learn(unit_map, model, shape, {"0": 8}, units) == len(proxies)
-    first = unit_map[proxies[0]][0]
-    assert first.seen == 1 and first.nodes and all(isinstance(k, str) for k in first.nodes)
-    assert ort_map.learn(unit_map, model, shape, {"0": 8}, units) == 0 and first.seen == 2  # seen again
-    other = UnitVariant(nodes=["other-node-list"], seen=1)
-    unit_map[proxies[0]].append(other)
-    assert ort_map.mapped_keys(unit_map, model, shape, {"0": 8}) is None  # 2 of 3 sightings: no dominant list
-    first.seen = 4
-    keys = ort_map.mapped_keys(unit_map, model, shape, {"0": 8})  # 4 of 5
-    assert keys[: len(first.nodes)] == first.nodes
-    other.seen = 20
-    assert ort_map.mapped_keys(unit_map, model, shape, {"0": 8})[0] == "other-node-list"
-    assert ort_map.mapped_keys(unit_map, model, shape, None) is None  # fp32 proxies were never seen
+    keys = [key for key, _ in ort_map.unit_keys(seen, shape, bits)]
+    assert ort_map.learn(unit_map, seen, shape, bits, units) == len(keys)
+    first = unit_map[keys[0]][0]
+    assert first.seen == 1 and any("{O}" in node for node in first.nodes)  # channel counts became symbols
+    placed = ort_map.attribute(seen, units)
+    assert ort_map.mapped_keys(unit_map, seen, shape, bits) == [k for unit in placed for k in unit]
+    # The 64-channel model has the same keys (same remainders mod 16, same coincidences) and is
+    # predicted exactly as it deploys.
+    assert [key for key, _ in ort_map.unit_keys(other, shape, bits)] == keys
+    deployed = ort_map.attribute(other, model_units(other, torch.randn(*shape), bits, 1))
+    assert ort_map.mapped_keys(unit_map, other, shape, bits) == [k for unit in deployed for k in unit]
+    # Dominance: a second way of deploying the first unit, seen as often, blocks the map; rarer, it does not.
+    assert ort_map.learn(unit_map, seen, shape, bits, units) == 0 and first.seen == 2
+    unit_map[keys[0]].append(UnitVariant(nodes=["other-node-list"], seen=2))
+    assert ort_map.mapped_keys(unit_map, seen, shape, bits) is None
+    first.seen = 8
+    assert ort_map.mapped_keys(unit_map, seen, shape, bits)[: len(first.nodes)] == placed[0]
+    assert ort_map.mapped_keys(unit_map, seen, shape, None) is None  # fp32 units were never seen
+
+
+def test_unit_graph_follows_data_flow_through_a_residual_block():
+    model = resnet18_cifar()
+    sigs = eager_signatures(model, (1, 3, 32, 32))
+    inputs, readers = unit_graph(model)
+    first_add = next(i for i, s in enumerate(sigs) if s.op.startswith("add"))
+    assert len(inputs[first_add]) == 2  # the block's last conv and the skip connection
+    assert all(first_add in readers[p] for p in inputs[first_add])
+    assert inputs[0] == [-1] and readers[len(sigs) - 1] == [-1]  # model input and output
+    # Each unit's context names both branches: a residual add's int8-ness of either branch changes it.
+    proxies = ort_map.unit_proxies(model, (1, 3, 32, 32), {})
+    assert proxies[first_add].split("||")[1].split("|")[1] == "fp32,fp32"
+
+
+def _hand_made_ort_profile(model: nn.Module, x: torch.Tensor, bits: dict) -> Profile:
+    """A profile whose LUT holds every node the model deploys to (10 us each) and a map learned from it."""
+    units = model_units(model, x, bits, 1)
+    unit_map: dict = {}
+    ort_map.learn(unit_map, model, tuple(x.shape), bits, units)
+    lut = {sig.key(): sig for sig, _ in units}
+    data = {
+        "format_version": 1,
+        "id": "hand-made-ort",
+        "host": {"cpu": cpu_model(), "cores": 2, "threads": 1, "machine": "x86_64", "os": "Linux"},
+        "runtime": {
+            "name": "onnxruntime",
+            "version": runtime_version("onnxruntime"),
+            "dtypes": ["fp32", "int8"],
+            "kernel_bits": [32, 8],
+        },
+        "measured_at": "2026-01-01T00:00:00Z",
+        "measurement": {"warmup_ms": 1.0, "repeats": 3, "min_sample_ms": 1.0},
+        "lut": [
+            {"signature": s.model_dump(mode="json"), "median_ms": 0.01, "p90_ms": 0.01, "repeats": 3}
+            for s in lut.values()
+        ],
+        "unit_map": {k: [v.model_dump() for v in vs] for k, vs in unit_map.items()},
+        "unit_map_format": ort_map.MAP_FORMAT,
+    }
+    return parse_profile(data)
+
+
+def test_map_answers_only_while_its_uncertainty_is_small():
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 4)).eval()
+    x, bits = torch.randn(1, 1, 8, 8), {"0": 8}
+    profile = _hand_made_ort_profile(model, x, bits)
+    certain = predict(model, x, profile, bits)
+    assert certain.source == "unit map" and certain.exact
+    first_key = next(iter(profile.unit_map))
+    seen = profile.unit_map[first_key][0]
+    # A second way of deploying the first unit, as frequent, one node more: its 10 us against a ~0.1 ms
+    # total is more than MAP_SLACK of doubt, so the candidate is deployed to read its real graph.
+    doubtful = copy.deepcopy(profile)
+    doubtful.unit_map[first_key].append(UnitVariant(nodes=[*seen.nodes, seen.nodes[0]], seen=seen.seen))
+    uncertain = predict(model, x, doubtful, bits)
+    assert uncertain.source == "deployed graph"
+    assert uncertain.latency_ms == pytest.approx(certain.latency_ms)  # and the map had named the right nodes
+    # An alternative as frequent that differs by a node of 0.1 us stays within MAP_SLACK: the map answers.
+    cheap = profile.lut[0].signature.model_copy(update={"extra": "cheap"})
+    entry = profile.lut[0].model_copy(update={"signature": cheap, "median_ms": 1e-4, "p90_ms": 1e-4})
+    slight = profile.model_copy(update={"lut": [*profile.lut, entry], "unit_map": copy.deepcopy(profile.unit_map)})
+    slight.unit_map[first_key].append(UnitVariant(nodes=[*seen.nodes, cheap.key()], seen=seen.seen))
+    assert predict(model, x, slight, bits).source == "unit map"
+    # Rarer than DOMINANT_SHARE allows for doubt, the alternative is ignored.
+    doubtful.unit_map[first_key][-1].seen = 1
+    doubtful.unit_map[first_key][0].seen = 10
+    assert predict(model, x, doubtful, bits).source == "unit map"

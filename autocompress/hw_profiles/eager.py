@@ -386,6 +386,30 @@ def unit_ownership(model: nn.Module) -> list[UnitOwnership]:
     return result
 
 
+def unit_graph(model: nn.Module) -> tuple[list[list[int]], list[list[int]]]:
+    """Per unit of :func:`eager_signatures`: the units producing its inputs and the units reading its
+    output, by data flow (a residual add has two producers); -1 stands for the model's input or output."""
+    plan = _plan(model)
+    unit_of = {plan.steps[i].name: u for u, unit in enumerate(plan.units) for i in unit.steps}
+    outside = {step.name: -1 for step in plan.steps if step.kind == "input"}
+    inputs: list[list[int]] = []
+    readers: list[list[int]] = [[] for _ in plan.units]
+    for u, unit in enumerate(plan.units):
+        own = {plan.steps[i].name for i in unit.steps}
+        args = [a for i in unit.steps for a in plan.steps[i].args if a not in own]
+        producers = [unit_of.get(a, outside.get(a, -1)) for a in args]
+        inputs.append(producers)
+        for p in producers:
+            if p >= 0 and u not in readers[p]:
+                readers[p].append(u)
+    for step in plan.steps:
+        if step.kind == "output":
+            for a in step.args:
+                if a in unit_of:
+                    readers[unit_of[a]].append(-1)
+    return inputs, readers
+
+
 def unit_layers(model: nn.Module) -> list[str]:
     """Per unit of :func:`eager_signatures`, the Conv/Linear module it starts with ("" for other units)."""
     plan = _plan(model)

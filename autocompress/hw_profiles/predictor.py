@@ -40,7 +40,7 @@ from torch import nn
 from autocompress.errors import AutocompressError
 from autocompress.hw_profiles.eager import eager_signatures
 from autocompress.hw_profiles.host import cpu_model, runtime_version
-from autocompress.hw_profiles.ort_map import mapped_keys
+from autocompress.hw_profiles.ort_map import DOMINANT_SHARE, MAP_FORMAT, MAP_SLACK, mapped_variants
 from autocompress.hw_profiles.profile import CalibrationSample, LutEntry, OpSignature, Overhead, Profile
 from autocompress.hw_profiles.runtimes import get_runtime
 
@@ -348,6 +348,49 @@ def check_host(profile: Profile) -> list[str]:
     return problems
 
 
+def _mapped_ops(profile: Profile, keys: list[str]) -> list[OpLatency] | None:
+    """LUT latencies of the node keys a unit map named; None if one cannot be measured or interpolated."""
+    ops = []
+    for key in keys:
+        entry = profile.table.get(key)
+        if entry is not None:
+            ops.append(OpLatency(key, entry.median_ms, False))
+            continue
+        family = profile.families.get(key.split("|", 1)[1])
+        if not family:
+            return None
+        channels_in, channels_out = (int(c) for c in key.split("|", 1)[0].split("->"))
+        sig = family[0].signature.model_copy(update={"in_channels": channels_in, "out_channels": channels_out})
+        try:
+            ms, interpolated = lookup(profile, sig)
+        except UnpredictableSignature:
+            return None
+        ops.append(OpLatency(key, ms, interpolated))
+    return ops
+
+
+def _map_prediction(
+    profile: Profile, model: nn.Module, input_shape: tuple[int, ...], bits: dict[str, int] | None
+) -> list[OpLatency] | None:
+    """The operators of ``model`` from the profile's unit map, or None when the map cannot vouch for
+    them: an unknown unit, an unpredictable node, or node-list uncertainty above ``MAP_SLACK``."""
+    units = mapped_variants(profile.unit_map, model, input_shape, bits)
+    if units is None:
+        return None
+    ops: list[OpLatency] = []
+    slack = 0.0
+    for variants in units:
+        best = _mapped_ops(profile, variants[0][1])
+        if best is None:
+            return None
+        ops.extend(best)
+        if variants[0][0] >= DOMINANT_SHARE * sum(seen for seen, _ in variants):
+            continue
+        sums = [sum(op.ms for op in costed) for _, keys in variants if (costed := _mapped_ops(profile, keys))]
+        slack += max(sums) - min(sums)
+    return ops if slack <= MAP_SLACK * sum(op.ms for op in ops) else None
+
+
 def predict(
     model: nn.Module, example_input: torch.Tensor, profile: Profile, bits: dict[str, int] | None = None
 ) -> Prediction:
@@ -367,10 +410,9 @@ def predict(
     name = model_key(model)
     if runtime.name == "torch-eager":
         return predict_signatures(eager_signatures(model, tuple(example_input.shape)), profile, name, "structure")
-    if profile.unit_map:
-        keys = mapped_keys(profile.unit_map, model, tuple(example_input.shape), bits)
-        if keys is not None:
-            ops = [OpLatency(key, profile.table[key].median_ms, False) for key in keys]
+    if profile.unit_map and profile.unit_map_format == MAP_FORMAT:
+        ops = _map_prediction(profile, model, tuple(example_input.shape), bits)
+        if ops is not None:
             return _prediction(ops, profile, name, "unit map")
     sigs = runtime.signatures(model, example_input, bits, profile.host.threads)
     return predict_signatures(sigs, profile, name, "deployed graph")

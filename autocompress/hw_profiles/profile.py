@@ -223,13 +223,16 @@ class Profile(_Strict):
     validation: list[ValidationSummary] = Field(default_factory=list)
     unit_map: dict[str, list[UnitVariant]] = Field(
         default_factory=dict,
-        description="ONNX Runtime only: eager unit proxy -> the ORT node lists it became (most often first)",
+        description="ONNX Runtime only: eager unit key -> the ORT node lists it became, with counts",
+    )
+    unit_map_format: int = Field(
+        default=1, ge=1, le=2, description="1: node lists of exact unit proxies; 2: node templates (ort_map)"
     )
 
     @model_validator(mode="after")
     def _consistent(self) -> Profile:
         keys = {entry.signature.key() for entry in self.lut}
-        for proxy, variants in self.unit_map.items():
+        for proxy, variants in self.unit_map.items() if self.unit_map_format == 1 else ():
             missing = [k for variant in variants for k in variant.nodes if k not in keys]
             if missing:
                 raise ValueError(f"unit_map[{proxy!r}] names {missing[0]}, which has no LUT entry")
