@@ -338,7 +338,10 @@ def _calibrate(
     candidates = [target.builder.sample(rng) for _ in range(settings.calibration)]
     todo = [c for c in candidates if (target.model_name, candidate_label(c)) not in done]
     if todo:
-        log(f"calibration: timing {len(todo)} candidates of {target.model_name} end to end")
+        log(
+            f"calibration: {len(todo)} candidates of {target.model_name}: their operators, then end-to-end "
+            "timing in a fresh process"
+        )
     progress = Progress("calibrate", len(todo), "candidates")
     pending = []
     for i, candidate in enumerate(todo):
@@ -354,7 +357,6 @@ def _calibrate(
     probe = writer.profile.probe
     measured: list[float] = []
     if pending:
-        log(f"calibration: timing {len(pending)} candidates end to end in a fresh process")
         built = [target.builder.build(candidate) for candidate, _, _ in pending]
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:

@@ -49,7 +49,6 @@ MAX_VARIANTS = 8  # node lists kept per key; rarer ones beyond that add nothing 
 DOMINANT_SHARE = 0.8  # a key's most frequent node list with this share of its sightings is taken as certain
 MAP_SLACK = 0.02  # else the spread between its node lists' LUT sums counts, up to this share of the total
 NCHWC_BLOCK = 16  # ORT's NCHWc block on AVX-512 (8 on AVX2; a multiple of 16 is then also one of 8)
-SYMBOLS = ("I", "O", "I16", "O16")
 
 
 def _int8(bits: dict[str, int] | None, layer: str) -> str:
@@ -296,13 +295,17 @@ def mapped_keys(
 ) -> list[str] | None:
     """The LUT keys of the ORT nodes ``model`` would run, from the map alone (per unit, its dominant
     node list, instantiated); None if any unit's key is unknown or has no dominant node list."""
+    units = mapped_variants(unit_map, model, input_shape, bits)
+    if units is None:
+        return None
     keys: list[str] = []
-    for key, unit in unit_keys(model, input_shape, bits):
-        variants = unit_map.get(key)
-        if not variants:
+    for variants in units:
+        if not dominant(variants):
             return None
-        best = max(variants, key=lambda v: v.seen)  # max keeps the first of equals
-        if best.seen < DOMINANT_SHARE * sum(v.seen for v in variants):
-            return None
-        keys.extend(instantiate(template, unit) for template in best.nodes)
+        keys.extend(variants[0][1])
     return keys
+
+
+def dominant(variants: Sequence[tuple[int, list[str]]]) -> bool:
+    """Whether the first (most seen) of a unit's :func:`mapped_variants` has ``DOMINANT_SHARE`` of the sightings."""
+    return variants[0][0] >= DOMINANT_SHARE * sum(seen for seen, _ in variants)

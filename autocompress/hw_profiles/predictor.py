@@ -40,7 +40,7 @@ from torch import nn
 from autocompress.errors import AutocompressError
 from autocompress.hw_profiles.eager import eager_signatures
 from autocompress.hw_profiles.host import cpu_model, runtime_version
-from autocompress.hw_profiles.ort_map import DOMINANT_SHARE, MAP_FORMAT, MAP_SLACK, mapped_variants
+from autocompress.hw_profiles.ort_map import MAP_FORMAT, MAP_SLACK, dominant, mapped_variants
 from autocompress.hw_profiles.profile import CalibrationSample, LutEntry, OpSignature, Overhead, Profile
 from autocompress.hw_profiles.runtimes import get_runtime
 
@@ -285,7 +285,8 @@ def lut_by_op(ops: Sequence[tuple[str, float]]) -> dict[str, float]:
     """LUT time per operator kind of (signature key, ms) pairs."""
     split: dict[str, float] = {}
     for key, ms in ops:
-        split[op_kind(key)] = split.get(op_kind(key), 0.0) + ms
+        kind = op_kind(key)
+        split[kind] = split.get(kind, 0.0) + ms
     return split
 
 
@@ -356,10 +357,11 @@ def _mapped_ops(profile: Profile, keys: list[str]) -> list[OpLatency] | None:
         if entry is not None:
             ops.append(OpLatency(key, entry.median_ms, False))
             continue
-        family = profile.families.get(key.split("|", 1)[1])
+        channels, family_key = key.split("|", 1)
+        family = profile.families.get(family_key)
         if not family:
             return None
-        channels_in, channels_out = (int(c) for c in key.split("|", 1)[0].split("->"))
+        channels_in, channels_out = (int(c) for c in channels.split("->"))
         sig = family[0].signature.model_copy(update={"in_channels": channels_in, "out_channels": channels_out})
         try:
             ms, interpolated = lookup(profile, sig)
@@ -384,9 +386,10 @@ def _map_prediction(
         if best is None:
             return None
         ops.extend(best)
-        if variants[0][0] >= DOMINANT_SHARE * sum(seen for seen, _ in variants):
+        if dominant(variants):
             continue
-        sums = [sum(op.ms for op in costed) for _, keys in variants if (costed := _mapped_ops(profile, keys))]
+        others = (_mapped_ops(profile, keys) for _, keys in variants[1:])
+        sums = [sum(op.ms for op in costed) for costed in (best, *others) if costed]
         slack += max(sums) - min(sums)
     return ops if slack <= MAP_SLACK * sum(op.ms for op in ops) else None
 
