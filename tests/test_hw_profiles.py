@@ -6,6 +6,7 @@ import json
 import os
 import warnings
 
+import numpy as np
 import pytest
 
 from autocompress.cli import main
@@ -238,6 +239,31 @@ def test_overhead_fit_gives_the_dominant_operator_kinds_their_own_scale():
     # Samples without the split (profiles from before it) fall back to one scale for the model.
     legacy = fit_overhead([s.model_copy(update={"lut_by_op": {}}) for s in samples])
     assert legacy.op_scale == {} and legacy.scale["a.A"] != 1.0
+
+
+def test_overhead_fit_takes_a_kind_whose_scale_is_not_identifiable_back_into_one_scale():
+    # The pools' LUT time barely varies and the noise runs against it: a free pool scale fits at -2.
+    rows = [(0.1 * k, 0.2 + 0.01 * ((-1) ** k) * (k % 3)) for k in range(1, 13)]
+    samples = [
+        CalibrationSample(
+            model="a.A",
+            n_ops=10,
+            lut_ms=c + p,
+            measured_ms=1.2 * c + 0.1 - 2.0 * (p - 0.2) + 0.2,
+            lut_by_op={"conv2d+bn+relu": c, "maxpool2d": p},
+        )
+        for c, p in rows
+    ]
+    unguarded = np.linalg.lstsq(
+        np.array([[1.0, s.lut_by_op["conv2d+bn+relu"], s.lut_by_op["maxpool2d"]] for s in samples]),
+        np.array([s.measured_ms for s in samples]),
+        rcond=None,
+    )[0]
+    assert unguarded[2] == pytest.approx(-2.0)  # what a free per-kind fit would ship
+    fitted = fit_overhead(samples)
+    assert "maxpool2d" not in fitted.op_scale.get("a.A", {})
+    assert all(v > 0 for v in fitted.op_scale.get("a.A", {}).values())
+    assert fitted.scale["a.A"] > 0
 
 
 def test_probe_drift_is_reported_against_the_profile_reading():

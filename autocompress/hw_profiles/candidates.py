@@ -163,8 +163,13 @@ class CandidateBuilder:
             self._meta = copy.deepcopy(self.model).to("meta")
         return self._meta
 
+    @torch.inference_mode(False)
     def build(self, candidate: Candidate) -> tuple[nn.Module, dict[str, int]]:
-        """The candidate's model (pruned shapes, factorized layers) in eval mode, and its per-layer bits."""
+        """The candidate's model (pruned shapes, factorized layers) in eval mode, and its per-layer bits.
+
+        Its parameters are ordinary tensors even when called in inference mode: a model built with
+        inference-mode parameters runs a few percent faster than any loaded, deployed model.
+        """
         model = self._pruned(candidate.prune)
         fractions = {k: f for k, f in candidate.rank.items() if f < 1}
         if fractions:

@@ -13,9 +13,9 @@
    profile file is rewritten atomically at most every second and at exit, so a killed run keeps
    what it measured; rerunning the same command skips every signature already in the file.
 3. Calibrate: time ``calibration`` random candidates end to end (the same ones on every run: fixed
-   seed; timed in a fresh process, two passes over them, keeping each one's quieter median), measuring on demand any
-   signature they contain that enumeration missed, and refit the overhead terms on all samples in
-   the profile (every model measured into it so far).
+   seed; timed in a fresh process, in round-robin passes keeping each one's quietest median),
+   measuring on demand any signature they contain that enumeration missed, and refit the overhead
+   terms on all samples in the profile (every model measured into it so far).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from torch import nn
 
 from autocompress.compress.pipeline import layer_bits
 from autocompress.errors import AutocompressError
-from autocompress.evaluators.latency import Latency, pinned_cpu, time_callable
+from autocompress.evaluators.latency import END_TO_END_PASSES, Latency, pinned_cpu, time_callable, time_in_passes
 from autocompress.hw_profiles import eager, onnx_graph, ort_map
 from autocompress.hw_profiles.host import cpu_model, runtime_version
 from autocompress.hw_profiles.predictor import UnpredictableSignature, fit_overhead, lookup, lut_by_op
@@ -64,7 +64,6 @@ from autocompress.spaces.candidate import Candidate
 
 CALIBRATION_SEED = 12345  # fixed: a resumed run calibrates on the same candidates
 PATIENCE = 50
-CALIBRATION_PASSES = 2
 MAX_EXTRA = 400
 
 
@@ -384,8 +383,7 @@ def _time_end_to_end(
     a deployed model runs in: the digits and MNIST-1D candidates timed in it ran ~9% slower than the
     same candidates in a fresh process (which is also where ``profile validate`` and a search time
     them), so the overhead fit learned a slowdown no deployment has. Each candidate is timed in
-    ``CALIBRATION_PASSES`` separate passes, keeping its quietest median: a burst of other load must
-    hit it twice.
+    ``END_TO_END_PASSES`` round-robin passes, keeping its quietest median (:func:`time_in_passes`).
     """
     runtime = get_runtime(settings.runtime)
     cpu = settings.cpu if settings.threads == 1 else None
@@ -395,8 +393,12 @@ def _time_end_to_end(
             for model, bits in built
         ]
         probe = read_probe(settings.threads, now_iso())
-        measured = [float("inf")] * len(runs)
-        for _ in range(CALIBRATION_PASSES):
-            for i, run in enumerate(runs):
-                measured[i] = min(measured[i], _time(run, settings).median_ms)
+        measured = time_in_passes(
+            runs,
+            END_TO_END_PASSES,
+            warmup_ms=settings.warmup_ms,
+            repeats=settings.repeats,
+            min_sample_ms=settings.min_sample_ms,
+            threads=settings.threads,
+        )
     return measured, probe

@@ -223,15 +223,38 @@ def fit_overhead(samples: Sequence[CalibrationSample]) -> Overhead:
     weighted by 1/measured (relative error). A model's scales: one per operator kind that carries
     ``KIND_SHARE`` of its LUT time when its samples allow (``MIN_SCALE_SAMPLES`` per scale), the rest
     of its operators at scale 1; else one scale for all its operators, or 1 with fewer than
-    ``MIN_SCALE_SAMPLES`` samples (or no spread in its LUT sums). The per-op term is dropped (0) when
-    the operator count does not vary within any model, since it is then indistinguishable from the
-    constants. Models without samples get the medians of the fitted scales and constants.
+    ``MIN_SCALE_SAMPLES`` samples (or no spread in its LUT sums). A kind whose fitted scale comes out
+    at or below zero was not identifiable from the samples (its LUT time moves with another kind's):
+    it loses its own scale and the fit is redone. The per-op term is dropped (0) when the operator
+    count does not vary within any model, since it is then indistinguishable from the constants.
+    Models without samples get the medians of the fitted scales and constants.
     """
     if not samples:
         return Overhead()
     models = sorted({s.model for s in samples})
     by_model = {m: [s for s in samples if s.model == m] for m in models}
     kinds = {m: _kind_split(by_model[m]) for m in models}
+    while True:
+        fitted = _solve(samples, by_model, kinds)
+        unphysical = {m: [op for op, v in fitted.op_scale.get(m, {}).items() if v <= 0] for m in models}
+        if not any(unphysical.values()):
+            break
+        kinds = {m: [op for op in kinds[m] if op not in unphysical[m]] for m in models}
+    errors = []
+    for s in samples:
+        _, extra, _ = overhead_terms(fitted, s.model, s.n_ops)
+        lut = scaled_sum(fitted, s.model, s.lut_by_op) if s.lut_by_op else fitted.scale[s.model] * s.lut_ms
+        errors.append(abs(lut + extra - s.measured_ms) / s.measured_ms * 100)
+    return fitted.model_copy(update={"residual_pct": float(np.median(errors))})
+
+
+def _solve(
+    samples: Sequence[CalibrationSample],
+    by_model: dict[str, list[CalibrationSample]],
+    kinds: dict[str, list[str]],
+) -> Overhead:
+    """One weighted least-squares solve of :func:`fit_overhead` with the given per-kind split."""
+    models = sorted(by_model)
     whole = {
         m: not kinds[m] and len(by_model[m]) >= MIN_SCALE_SAMPLES and np.ptp([s.lut_ms for s in by_model[m]]) > 0
         for m in models
@@ -260,7 +283,7 @@ def fit_overhead(samples: Sequence[CalibrationSample]) -> Overhead:
     value = {column: float(coef[i]) for i, column in enumerate(columns)}
     constants = {m: value[(m, "")] for m in models}
     scales = {m: value.get((m, "*"), 1.0) for m in models}
-    fitted = Overhead(
+    return Overhead(
         per_op_ms=float(coef[-1]) if identifiable else 0.0,
         constant_ms=constants,
         default_constant_ms=float(np.median(list(constants.values()))),
@@ -268,12 +291,6 @@ def fit_overhead(samples: Sequence[CalibrationSample]) -> Overhead:
         op_scale={m: {op: value[(m, op)] for op in kinds[m]} for m in models if kinds[m]},
         default_scale=float(np.median(list(scales.values()))),
     )
-    errors = []
-    for s in samples:
-        _, extra, _ = overhead_terms(fitted, s.model, s.n_ops)
-        lut = scaled_sum(fitted, s.model, s.lut_by_op) if s.lut_by_op else scales[s.model] * s.lut_ms
-        errors.append(abs(lut + extra - s.measured_ms) / s.measured_ms * 100)
-    return fitted.model_copy(update={"residual_pct": float(np.median(errors))})
 
 
 def op_kind(signature_key: str) -> str:

@@ -23,6 +23,7 @@ from autocompress.hw_profiles.profile import ProbeReading
 DRIFT_WARN_PCT = 5.0  # a probe this far from its profile reading is reported as drift
 
 
+@torch.inference_mode(False)  # ordinary parameters, like every timed model's
 def _workloads() -> tuple[nn.Module, torch.Tensor, nn.Module, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

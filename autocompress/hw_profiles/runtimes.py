@@ -52,6 +52,9 @@ class Runtime:
     ) -> Iterator[Timed]:
         """A callable running the whole model once (the deployed ONNX model for ORT), valid in the block."""
         if self.name == "torch-eager":
+            if any(p.is_inference() for p in model.parameters()):
+                # Such a model runs a few % faster than a loaded one: timing it would flatter the profile.
+                raise ValueError("torch-eager: timing a model whose parameters were created in inference mode")
             model.eval()
             yield lambda: model(example_input)
             return

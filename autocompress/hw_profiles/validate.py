@@ -4,7 +4,7 @@ Candidates are drawn as a search draws them (every parameter uniformly, int8 lay
 built with the profiling builder, predicted from the profile (timed: the per-candidate cost of a
 prediction is part of the report) and measured end to end on this machine the way the profile's
 entries were (same runtime, threads, pinned CPU, median of repeats, re-measured when noisy), in
-two passes over all candidates keeping each one's quieter median.
+``END_TO_END_PASSES`` round-robin passes keeping each one's quietest median, as calibration does.
 The report is the table (printed and CSV), the error summary (median, p90, max of the absolute
 percentage error), a predicted-vs-measured scatter plot (PNG) and a JSON summary; the function
 returns it all so a caller (the search's MLflow logging) can attach the files.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autocompress.evaluators.latency import pinned_cpu, time_callable
+from autocompress.evaluators.latency import END_TO_END_PASSES, pinned_cpu, time_in_passes
 from autocompress.hw_profiles.measure import candidate_label, now_iso
 from autocompress.hw_profiles.predictor import predict
 from autocompress.hw_profiles.probe import describe_drift, read_probe
@@ -34,7 +34,6 @@ from autocompress.hw_profiles.runtimes import get_runtime
 from autocompress.hw_profiles.target import Target
 
 VALIDATION_SEED = 2024  # not the calibration seed: validation candidates are not the fitted ones
-PASSES = 2
 
 
 @dataclass
@@ -185,7 +184,7 @@ def validate_profile(
     threads = profile.host.threads
     rng = random.Random(seed)
     predictions, predict_ms, runs = [], [], []
-    progress = Progress("validate", n * (1 + PASSES), "steps")
+    progress = Progress("validate", n * (1 + END_TO_END_PASSES), "steps")
     with ExitStack() as stack, pinned_cpu(cpu if threads == 1 else None), runtime.timing(threads):
         for i in range(n):
             candidate = target.builder.sample(rng)
@@ -196,20 +195,15 @@ def validate_profile(
             runs.append(stack.enter_context(runtime.end_to_end(model, target.example_input, bits, threads)))
             progress.update(i + 1, note="predicting")
         probe = read_probe(threads, now_iso())
-        # Every candidate is timed in PASSES separate passes and keeps its quietest median: a burst
-        # of other work on the machine then has to hit the same candidate twice to skew it.
-        measured = [float("inf")] * n
-        for p in range(PASSES):
-            for i, run in enumerate(runs):
-                latency = time_callable(
-                    run,
-                    warmup_ms=profile.measurement.warmup_ms,
-                    repeats=repeats,
-                    min_sample_ms=profile.measurement.min_sample_ms,
-                    threads=threads,
-                )
-                measured[i] = min(measured[i], latency.median_ms)
-                progress.update(n * (1 + p) + i + 1, note=f"timing, pass {p + 1}/{PASSES}")
+        measured = time_in_passes(
+            runs,
+            END_TO_END_PASSES,
+            on_step=lambda p, i: progress.update(n * (1 + p) + i + 1, note=f"timing, pass {p + 1}/{END_TO_END_PASSES}"),
+            warmup_ms=profile.measurement.warmup_ms,
+            repeats=repeats,
+            min_sample_ms=profile.measurement.min_sample_ms,
+            threads=threads,
+        )
     rows = []
     for (candidate, prediction), ms in zip(predictions, measured, strict=True):
         rows.append(
