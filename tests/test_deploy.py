@@ -227,6 +227,25 @@ def test_deploy_rejects_bad_bits(trained, task, calibration, tmp_path):
         deploy(trained, {"fc1": 8}, task.example_input(), [], tmp_path)
 
 
+def test_ops_between_fp32_layers_stay_fp32_when_other_layers_are_int8(trained, task, calibration, val, tmp_path):
+    """ORT's quantizer quantizes pools and adds wherever a graph has any int8 layer; between two fp32
+    layers that only adds Quantize/Dequantize time and a rounding the simulation does not model."""
+    bits = {"features.conv1.conv": 8}  # conv5 -> global pool -> fc1 are all fp32
+    sim = simulate(trained, bits, calibration)
+    deployment = deploy(sim, bits, task.example_input(), calibration, tmp_path)
+    assert deployment.int8_layers == ("features.conv1.conv",)
+    ops = _runtime_ops(deployment)
+    assert ops["pool"] == {"GlobalAveragePool"}, ops["pool"]
+    quantized = {n.input[0] for n in onnx.load(str(deployment.onnx_path)).graph.node if n.op_type == "QuantizeLinear"}
+    assert not any(name.startswith(("/features/conv5", "/pool")) for name in quantized), sorted(quantized)
+    # The int8 layer's surroundings are still quantized: its pool runs on int8 data.
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(deployment.onnx_path)).graph.node}
+    sim_logits, _ = predict(sim, val)
+    ort_logits, _ = predict(deployment.model, val)
+    assert (sim_logits.argmax(1) == ort_logits.argmax(1)).float().mean().item() >= 0.99
+    assert (sim_logits - ort_logits).abs().mean().item() < 0.018
+
+
 def test_fp32_conv_sharing_a_quantized_bias_reads_it_as_a_float(tmp_path):
     """The exporter shares equal constants (two zero biases become one initializer); the int8 layer's
     bias gets quantized, and the fp32 layer must not read it through a DequantizeLinear (ORT would then
