@@ -12,6 +12,7 @@ import yaml
 from torch import nn
 
 from autocompress.cli import main
+from autocompress.compress.deploy import deploy, node_module, optimized_graph
 from autocompress.compress.lowrank import layer_input_shapes
 from autocompress.compress.prune import prune
 from autocompress.evaluators.latency import time_in_passes, torch_threads
@@ -277,6 +278,27 @@ def test_unit_graph_follows_data_flow_through_a_residual_block():
     assert proxies[first_add].split("||")[1].split("|")[1] == "fp32,fp32"
 
 
+def test_unit_keys_carry_the_quantized_regions_deployment_makes(tmp_path):
+    # Only layer1.1's second conv is int8. Layer1.0's residual add borders fp32 layers only, but through
+    # the identity shortcut it shares a region with layer1.1's add, which borders that int8 conv: the
+    # deployment quantizes both adds, and both units' keys say so.
+    model = resnet18_cifar(width=8).eval()
+    x = torch.randn(1, 3, 32, 32)
+    bits = {"layer1.1.conv2": 8}
+    sigs = eager_signatures(model, tuple(x.shape))
+    adds = [i for i, s in enumerate(sigs) if s.op.startswith("add")]
+    proxies = ort_map.unit_proxies(model, tuple(x.shape), bits)
+    regions = [proxies[i].rsplit("|", 1)[1] for i in adds]
+    assert regions[:2] == ["q", "q"] and set(regions[2:]) == {"f"}, regions
+    assert ort_map.unit_proxies(model, tuple(x.shape), {})[adds[0]].endswith("|f")
+    deployment = deploy(model, bits, x, [torch.randn(4, 3, 32, 32)], tmp_path)
+    ops: dict[str, set[str]] = {}
+    for node in optimized_graph(deployment.onnx_path).graph.node:
+        ops.setdefault(node_module(node.name), set()).add(node.op_type)
+    assert "QLinearAdd" in ops["layer1.0"] and "QLinearAdd" in ops["layer1.1"]
+    assert not any("QLinearAdd" in ops.get(f"layer{k}.{j}", set()) for k in (2, 3, 4) for j in (0, 1))
+
+
 def _hand_made_ort_profile(model: nn.Module, x: torch.Tensor, bits: dict) -> Profile:
     """A profile whose LUT holds every node the model deploys to (10 us each) and a map learned from it."""
     units = model_units(model, x, bits, 1)
@@ -326,6 +348,16 @@ def test_map_answers_only_while_its_uncertainty_is_small():
     slight = profile.model_copy(update={"lut": [*profile.lut, entry], "unit_map": copy.deepcopy(profile.unit_map)})
     slight.unit_map[first_key].append(UnitVariant(nodes=[*seen.nodes, cheap.key()], seen=seen.seen))
     assert predict(model, x, slight, bits).source == "unit map"
+    # Two units in doubt by 0.6 of the allowance each: independent doubts add in quadrature (0.85), not
+    # linearly (1.2), so the map still answers.
+    bound = ort_map.MAP_SLACK * certain.lut_ms
+    some = profile.lut[0].signature.model_copy(update={"extra": "some"})
+    entry = profile.lut[0].model_copy(update={"signature": some, "median_ms": 0.6 * bound, "p90_ms": 0.6 * bound})
+    two = profile.model_copy(update={"lut": [*profile.lut, entry], "unit_map": copy.deepcopy(profile.unit_map)})
+    for key in list(two.unit_map)[:2]:
+        first = two.unit_map[key][0]
+        two.unit_map[key].append(UnitVariant(nodes=[*first.nodes, some.key()], seen=first.seen))
+    assert predict(model, x, two, bits).source == "unit map"
     # Rarer than DOMINANT_SHARE allows for doubt, the alternative is ignored.
     doubtful.unit_map[first_key][-1].seen = 1
     doubtful.unit_map[first_key][0].seen = 10

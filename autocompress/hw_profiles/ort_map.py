@@ -25,12 +25,11 @@ teaches the profile a map from each eager unit to the ORT nodes it became:
 A key seen with different node lists keeps each with its count: ORT then looked at something the
 key does not capture (a ResNet block's layout choice depends on both branches of the next add).
 The predictor uses the most frequent list, and when it does not dominate (``DOMINANT_SHARE`` of the
-sightings) counts the spread between the lists' LUT sums as uncertainty; the map answers only if
-that stays within ``MAP_SLACK`` of the prediction, which a transpose more or less usually does and a
-convolution more or less does not. Measured on the digits CNN (400 deployments to learn from, 200 others to test):
-the map named the nodes of 199 of 200 test candidates, their LUT sums equal to those of the real
-graphs in all but one (8%). A key the map does not know, or knows without a dominant list, sends the
-prediction to the exact path (deploy and read the graph), and the prediction says which it took.
+sightings) counts the spread between the lists' LUT sums as uncertainty (independent per unit: the
+spreads add in quadrature); the map answers only if that stays within ``MAP_SLACK`` of the
+prediction, which a transpose more or less usually does and a convolution more or less does not.
+A key the map does not know, or whose doubt is too large, sends the prediction to the exact path
+(deploy and read the graph), and the prediction says which it took.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ from autocompress.hw_profiles import eager
 from autocompress.hw_profiles.onnx_graph import NodeUnit
 from autocompress.hw_profiles.profile import OpSignature, UnitVariant
 
-MAP_FORMAT = 2  # unit maps of templates (format 1: node lists of exact proxies, learned by execution order)
+MAP_FORMAT = 3  # 3: keys carry the quantized regions; 2: without; 1: exact proxies, by execution order
 MAX_VARIANTS = 8  # node lists kept per key; rarer ones beyond that add nothing to the best guess
 DOMINANT_SHARE = 0.8  # a key's most frequent node list with this share of its sightings is taken as certain
 MAP_SLACK = 0.02  # else the spread between its node lists' LUT sums counts, up to this share of the total
@@ -99,6 +98,16 @@ def unit_proxies(model: nn.Module, input_shape: Sequence[int], bits: dict[str, i
                 parts.append("(" + ",".join(sorted(reached(r))) + ")")
         return ",".join(parts)
 
+    quantized = _quantized_regions(layers, inputs, readers, bits)
+
+    def regions(u: int) -> str:
+        # A layer-less unit: its own region; a layer: the regions it reads from and feeds.
+        if not layers[u]:
+            return quantized[u]
+        ins = "".join(quantized[p] for p in inputs[u] if p >= 0 and not layers[p])
+        outs = "".join(quantized[r] for r in readers[u] if r >= 0 and not layers[r])
+        return f"{ins}/{outs}"
+
     proxies = []
     for i, sig in enumerate(sigs):
         context = (
@@ -107,9 +116,41 @@ def unit_proxies(model: nn.Module, input_shape: Sequence[int], bits: dict[str, i
             downstream(i),
             ",".join(f"{sigs[p].op}%{sigs[p].in_channels % NCHWC_BLOCK}" if p >= 0 else "start" for p in inputs[i]),
             ",".join(f"{sigs[r].op}%{sigs[r].out_channels % NCHWC_BLOCK}" if r >= 0 else "end" for r in readers[i]),
+            regions(i),
         )
         proxies.append(sig.key() + "||" + "|".join(context))
     return proxies
+
+
+def _quantized_regions(
+    layers: Sequence[str],
+    inputs: Sequence[Sequence[int]],
+    readers: Sequence[Sequence[int]],
+    bits: dict[str, int] | None,
+) -> list[str]:
+    """Per layer-less unit, "q" if its region is quantized at deployment, else "f" ("" for layers).
+
+    A region is a connected group of layer-less units (pools, adds, flattens); deployment quantizes it
+    when any layer bordering it is int8 (:func:`~autocompress.compress.deploy.outside_int8_regions`),
+    which in a ResNet stage can be a layer several blocks away along the identity shortcuts.
+    """
+    region = list(range(len(layers)))
+
+    def find(u: int) -> int:
+        while region[u] != u:
+            region[u] = region[region[u]]
+            u = region[u]
+        return u
+
+    for u, reads in enumerate(readers):
+        for r in reads:
+            if r >= 0 and not layers[u] and not layers[r]:
+                region[find(r)] = find(u)
+    int8_regions = set()
+    for u in range(len(layers)):
+        if layers[u] and _int8(bits, layers[u]) == "int8":
+            int8_regions.update(find(n) for n in (*inputs[u], *readers[u]) if n >= 0 and not layers[n])
+    return ["" if layers[u] else "q" if find(u) in int8_regions else "f" for u in range(len(layers))]
 
 
 def _scope(module: str, call: int) -> str:

@@ -226,7 +226,10 @@ class Profile(_Strict):
         description="ONNX Runtime only: eager unit key -> the ORT node lists it became, with counts",
     )
     unit_map_format: int = Field(
-        default=1, ge=1, le=2, description="1: node lists of exact unit proxies; 2: node templates (ort_map)"
+        default=1,
+        ge=1,
+        le=3,
+        description="1: node lists of exact unit proxies; 2: node templates (ort_map); 3: keys with quantized regions",
     )
 
     @model_validator(mode="after")
