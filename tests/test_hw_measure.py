@@ -135,7 +135,8 @@ def test_time_in_passes_interleaves_and_keeps_the_quietest_pass():
         _busy(2.0 if state["pass"] == 0 else 0.2)
 
     settings = {"warmup_ms": 1.0, "repeats": 3, "min_sample_ms": 0.1}
-    bursty_ms, steady_ms = time_in_passes([bursty, lambda: _busy(0.5)], 3, on_step=on_step, **settings)
+    bursty, steady = time_in_passes([bursty, lambda: _busy(0.5)], 3, on_step=on_step, **settings)
+    bursty_ms, steady_ms = bursty.median_ms, steady.median_ms
     assert steps == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]  # round robin, not one callable at a time
     assert 0.2 <= bursty_ms < 1.0  # the burst of pass 1 is not in the figure
     assert 0.5 <= steady_ms < 1.5
@@ -167,20 +168,21 @@ def test_tiny_measure_and_validate(experiment, target, tmp_path, capsys):
 
 def test_killed_measurement_resumes(target, tmp_path, monkeypatch):
     out = tmp_path / "resume.json"
-    real_time = measure_mod.time_callable
+    real_time = measure_mod.time_in_passes
     calls = {"n": 0}
 
-    def dies_after_five(*args, **kwargs):
+    def dies_in_the_second_chunk(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] > 5:
+        if calls["n"] > 1:
             raise KeyboardInterrupt
         return real_time(*args, **kwargs)
 
-    monkeypatch.setattr(measure_mod, "time_callable", dies_after_five)
+    monkeypatch.setattr(measure_mod, "LUT_CHUNK", 5)
+    monkeypatch.setattr(measure_mod, "time_in_passes", dies_in_the_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         measure_profile(target, out, MeasureSettings(cpu=None, **FAST), log=lambda _: None)
     assert len(load_profile(out).lut) == 5  # what was measured before the kill is on disk
-    monkeypatch.setattr(measure_mod, "time_callable", real_time)
+    monkeypatch.setattr(measure_mod, "time_in_passes", real_time)
     logs: list[str] = []
     profile = measure_profile(target, out, MeasureSettings(cpu=None, **FAST), log=logs.append)
     assert any("5 signatures already measured" in line for line in logs)

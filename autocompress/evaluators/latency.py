@@ -125,8 +125,9 @@ def time_callable(
 # candidate's 30 repeats fall into one such state: the lowest of 2 passes reproduced a candidate's
 # latency to a median 4.6% between two interleaved sets of passes (MNIST-1D CNN, 258 candidates),
 # the lowest of 5 to 2.0%, and a profile calibrated and validated that way predicted 1.2-1.8%
-# median instead of 2.6-4.0%.
+# median instead of 2.6-4.0%. Isolated operators (LUT entries) get LUT_PASSES: there are hundreds.
 END_TO_END_PASSES = 5
+LUT_PASSES = 3
 
 
 def time_in_passes(
@@ -138,8 +139,8 @@ def time_in_passes(
     min_sample_ms: float = 1.0,
     threads: int = 1,
     on_step: Callable[[int, int], None] | None = None,
-) -> list[float]:
-    """The lowest median (ms) of each callable over ``passes`` round-robin passes of :func:`time_callable`.
+) -> list[Latency]:
+    """Each callable's quietest :func:`time_callable` result (lowest median) over ``passes`` round-robin passes.
 
     Interleaving spreads every callable's samples over the whole run, so a slow spell of a shared
     machine has to hit the same callable in every pass to skew it; interference only adds time, so
@@ -148,16 +149,18 @@ def time_in_passes(
     """
     if passes < 1:
         raise ValueError(f"passes={passes}: need at least one pass")
-    best = [math.inf] * len(fns)
+    best: list[Latency | None] = [None] * len(fns)
     for p in range(passes):
         for i, fn in enumerate(fns):
             latency = time_callable(
                 fn, warmup_ms=warmup_ms, repeats=repeats, min_sample_ms=min_sample_ms, threads=threads
             )
-            best[i] = min(best[i], latency.median_ms)
+            current = best[i]
+            if current is None or latency.median_ms < current.median_ms:
+                best[i] = latency
             if on_step is not None:
                 on_step(p, i)
-    return best
+    return [latency for latency in best if latency is not None]
 
 
 @contextmanager

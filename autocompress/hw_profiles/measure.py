@@ -8,7 +8,7 @@
    the pool. ONNX Runtime signatures need a real deployment per candidate (~0.5 s), so a subset is
    chosen greedily to cover every (eager unit signature, own/neighbour int8-ness) combination the
    pool shows, the things ORT's node choice depends on; only those are deployed.
-2. Measure each new signature in isolation (:func:`~autocompress.evaluators.latency.time_callable`:
+2. Measure each new signature in isolation (:func:`~autocompress.evaluators.latency.time_in_passes`:
    warm-up, fixed threads, median of repeats, re-measured when noisy), pinned to one CPU. The
    profile file is rewritten atomically at most every second and at exit, so a killed run keeps
    what it measured; rerunning the same command skips every signature already in the file.
@@ -39,7 +39,7 @@ from torch import nn
 
 from autocompress.compress.pipeline import layer_bits
 from autocompress.errors import AutocompressError
-from autocompress.evaluators.latency import END_TO_END_PASSES, Latency, pinned_cpu, time_callable, time_in_passes
+from autocompress.evaluators.latency import END_TO_END_PASSES, LUT_PASSES, Latency, pinned_cpu, time_in_passes
 from autocompress.hw_profiles import eager, onnx_graph, ort_map
 from autocompress.hw_profiles.host import cpu_model, runtime_version
 from autocompress.hw_profiles.predictor import UnpredictableSignature, fit_overhead, lookup, lut_by_op
@@ -65,6 +65,7 @@ from autocompress.spaces.candidate import Candidate
 CALIBRATION_SEED = 12345  # fixed: a resumed run calibrates on the same candidates
 PATIENCE = 50
 MAX_EXTRA = 400
+LUT_CHUNK = 50  # isolated units timed together, in interleaved passes
 
 
 @dataclass(frozen=True)
@@ -192,14 +193,28 @@ class _Writer:
         return self.profile
 
 
-def _time(fn: Callable[[], object], settings: MeasureSettings) -> Latency:
-    return time_callable(
-        fn,
-        warmup_ms=settings.warmup_ms,
-        repeats=settings.repeats,
-        min_sample_ms=settings.min_sample_ms,
-        threads=settings.threads,
-    )
+def _measure_units(
+    units: list[tuple[OpSignature, Callable[[], object]]],
+    settings: MeasureSettings,
+    writer: _Writer,
+    on_done: Callable[[int], None] | None = None,
+) -> None:
+    """Time isolated units in chunks of ``LUT_CHUNK``, ``LUT_PASSES`` interleaved passes each, and add
+    each unit's quietest timing to the profile (a killed run keeps every finished chunk)."""
+    for start in range(0, len(units), LUT_CHUNK):
+        chunk = units[start : start + LUT_CHUNK]
+        timed = time_in_passes(
+            [fn for _, fn in chunk],
+            LUT_PASSES,
+            warmup_ms=settings.warmup_ms,
+            repeats=settings.repeats,
+            min_sample_ms=settings.min_sample_ms,
+            threads=settings.threads,
+        )
+        for (sig, _), latency in zip(chunk, timed, strict=True):
+            writer.add(sig, latency)
+        if on_done is not None:
+            on_done(start + len(chunk))
 
 
 def _eager_enumeration(target: Target, settings: MeasureSettings) -> dict[str, OpSignature]:
@@ -276,10 +291,11 @@ def _measure_eager(target: Target, settings: MeasureSettings, writer: _Writer, l
     todo = [sig for key, sig in found.items() if key not in writer.known]
     log(f"torch-eager: {len(found)} distinct operator signatures in the space, {len(todo)} to measure")
     progress = Progress("measure", len(todo), "signatures")
-    for i, sig in enumerate(todo):
+    units = []
+    for sig in todo:
         module, inputs = eager.build_unit(sig)
-        writer.add(sig, _time(lambda module=module, inputs=inputs: module(*inputs), settings))
-        progress.update(i + 1, note=sig.op)
+        units.append((sig, lambda module=module, inputs=inputs: module(*inputs)))
+    _measure_units(units, settings, writer, lambda done: progress.update(done, note=f"{LUT_PASSES} passes per chunk"))
     progress.close()
 
 
@@ -315,16 +331,17 @@ def _measure_missing(
     model, bits = target.builder.build(candidate)
     shape = tuple(target.example_input.shape)
     if runtime.name == "torch-eager":
-        units = [(sig, None) for sig in eager.eager_signatures(model, shape)]
-        for sig, _ in units:
-            if sig.key() not in writer.known:
-                module, inputs = eager.build_unit(sig)
-                writer.add(sig, _time(lambda module=module, inputs=inputs: module(*inputs), settings))
-        return [sig for sig, _ in units]
+        sigs = eager.eager_signatures(model, shape)
+        todo = []
+        for sig in {s.key(): s for s in sigs if s.key() not in writer.known}.values():
+            module, inputs = eager.build_unit(sig)
+            todo.append((sig, lambda module=module, inputs=inputs: module(*inputs)))
+        _measure_units(todo, settings, writer)
+        return sigs
     nodes = onnx_graph.model_units(model, target.example_input, bits, settings.threads)
-    for sig, unit in nodes:
-        if sig.key() not in writer.known:
-            writer.add(sig, _time(onnx_graph.unit_callable(unit, settings.threads), settings))
+    new = {sig.key(): (sig, unit) for sig, unit in nodes if sig.key() not in writer.known}
+    units = [(sig, onnx_graph.unit_callable(unit, settings.threads)) for sig, unit in new.values()]
+    _measure_units(units, settings, writer)
     ort_map.learn(writer.unit_map, model, shape, bits, nodes)
     return [sig for sig, _ in nodes]
 
@@ -357,9 +374,7 @@ def _calibrate(
     measured: list[float] = []
     if pending:
         built = [target.builder.build(candidate) for candidate, _, _ in pending]
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            measured, probe = pool.submit(_time_end_to_end, built, target.example_input, settings).result()
+        measured, probe = time_end_to_end(built, target.example_input, settings, "calibrate: timing")
     for (candidate, n_ops, split), ms in zip(pending, measured, strict=True):
         writer.samples.append(
             CalibrationSample(
@@ -374,17 +389,33 @@ def _calibrate(
     writer.save(force=True, overhead=fit_overhead(writer.samples), probe=probe)
 
 
-def _time_end_to_end(
-    built: list[tuple[nn.Module, dict[str, int] | None]], example_input: torch.Tensor, settings: MeasureSettings
+def time_end_to_end(
+    built: list[tuple[nn.Module, dict[str, int] | None]],
+    example_input: torch.Tensor,
+    settings: MeasureSettings,
+    label: str = "timing",
 ) -> tuple[list[float], ProbeReading]:
-    """End-to-end median ms of each (model, bits), and a probe reading; run in a fresh process.
+    """End-to-end median ms of each (model, bits) on ``settings.runtime``, and a probe reading, timed
+    in a fresh spawned process (calibration and ``profile validate`` both time this way).
 
-    A measuring process that has built and run hundreds of one-operator sessions is not the process
-    a deployed model runs in: the digits and MNIST-1D candidates timed in it ran ~9% slower than the
-    same candidates in a fresh process (which is also where ``profile validate`` and a search time
-    them), so the overhead fit learned a slowdown no deployment has. Each candidate is timed in
-    ``END_TO_END_PASSES`` round-robin passes, keeping its quietest median (:func:`time_in_passes`).
+    A long-lived process is not the process a deployed model runs in: one that had built and run
+    hundreds of one-operator ORT sessions ran the calibration candidates ~9% slower than a fresh one,
+    and one that had built the candidates itself ran the digits CNN's ~5% slower than the fresh
+    process that calibrated them, which read as a -5% bias of the eager profile in validation. Each
+    candidate is timed in ``END_TO_END_PASSES`` round-robin passes, keeping its quietest median
+    (:func:`time_in_passes`); the child draws its own progress line (``label``) on stderr.
     """
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_time_end_to_end, built, example_input, settings, label).result()
+
+
+def _time_end_to_end(
+    built: list[tuple[nn.Module, dict[str, int] | None]],
+    example_input: torch.Tensor,
+    settings: MeasureSettings,
+    label: str,
+) -> tuple[list[float], ProbeReading]:
     runtime = get_runtime(settings.runtime)
     cpu = settings.cpu if settings.threads == 1 else None
     with ExitStack() as stack, pinned_cpu(cpu), runtime.timing(settings.threads):
@@ -393,12 +424,15 @@ def _time_end_to_end(
             for model, bits in built
         ]
         probe = read_probe(settings.threads, now_iso())
-        measured = time_in_passes(
+        progress = Progress(label, len(runs) * END_TO_END_PASSES, "timings")
+        timed = time_in_passes(
             runs,
             END_TO_END_PASSES,
             warmup_ms=settings.warmup_ms,
             repeats=settings.repeats,
             min_sample_ms=settings.min_sample_ms,
             threads=settings.threads,
+            on_step=lambda p, i: progress.update(p * len(runs) + i + 1, note=f"pass {p + 1}/{END_TO_END_PASSES}"),
         )
-    return measured, probe
+        progress.close()
+    return [latency.median_ms for latency in timed], probe

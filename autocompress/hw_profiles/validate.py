@@ -2,9 +2,9 @@
 
 Candidates are drawn as a search draws them (every parameter uniformly, int8 layers included),
 built with the profiling builder, predicted from the profile (timed: the per-candidate cost of a
-prediction is part of the report) and measured end to end on this machine the way the profile's
-entries were (same runtime, threads, pinned CPU, median of repeats, re-measured when noisy), in
-``END_TO_END_PASSES`` round-robin passes keeping each one's quietest median, as calibration does.
+prediction is part of the report) and measured end to end on this machine exactly as the profile's
+calibration was (:func:`~autocompress.hw_profiles.measure.time_end_to_end`: same runtime, threads
+and pinned CPU, in a fresh process, round-robin passes keeping each one's quietest median).
 The report is the table (printed and CSV), the error summary (median, p90, max of the absolute
 percentage error), a predicted-vs-measured scatter plot (PNG) and a JSON summary; the function
 returns it all so a caller (the search's MLflow logging) can attach the files.
@@ -18,19 +18,17 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from autocompress.evaluators.latency import END_TO_END_PASSES, pinned_cpu, time_in_passes
-from autocompress.hw_profiles.measure import candidate_label, now_iso
+from autocompress.evaluators.latency import pinned_cpu
+from autocompress.hw_profiles.measure import MeasureSettings, candidate_label, now_iso, time_end_to_end
 from autocompress.hw_profiles.predictor import predict
-from autocompress.hw_profiles.probe import describe_drift, read_probe
+from autocompress.hw_profiles.probe import describe_drift
 from autocompress.hw_profiles.profile import ProbeReading, Profile, ValidationRow, ValidationSummary
 from autocompress.hw_profiles.progress import Progress
-from autocompress.hw_profiles.runtimes import get_runtime
 from autocompress.hw_profiles.target import Target
 
 VALIDATION_SEED = 2024  # not the calibration seed: validation candidates are not the fitted ones
@@ -180,30 +178,29 @@ def validate_profile(
     """
     if n < 1:
         raise ValueError(f"n={n}: validate at least one candidate")
-    runtime = get_runtime(profile.runtime.name)
     threads = profile.host.threads
     rng = random.Random(seed)
-    predictions, predict_ms, runs = [], [], []
-    progress = Progress("validate", n * (1 + END_TO_END_PASSES), "steps")
-    with ExitStack() as stack, pinned_cpu(cpu if threads == 1 else None), runtime.timing(threads):
+    predictions, predict_ms, built = [], [], []
+    progress = Progress("validate", n, "candidates")
+    with pinned_cpu(cpu if threads == 1 else None):
         for i in range(n):
             candidate = target.builder.sample(rng)
             model, bits = target.builder.build(candidate)
             start = time.perf_counter()
             predictions.append((candidate, predict(model, target.example_input, profile, bits)))
             predict_ms.append((time.perf_counter() - start) * 1e3)
-            runs.append(stack.enter_context(runtime.end_to_end(model, target.example_input, bits, threads)))
+            built.append((model, bits))
             progress.update(i + 1, note="predicting")
-        probe = read_probe(threads, now_iso())
-        measured = time_in_passes(
-            runs,
-            END_TO_END_PASSES,
-            on_step=lambda p, i: progress.update(n * (1 + p) + i + 1, note=f"timing, pass {p + 1}/{END_TO_END_PASSES}"),
-            warmup_ms=profile.measurement.warmup_ms,
-            repeats=repeats,
-            min_sample_ms=profile.measurement.min_sample_ms,
-            threads=threads,
-        )
+    progress.close()
+    settings = MeasureSettings(
+        runtime=profile.runtime.name,
+        threads=threads,
+        repeats=repeats,
+        warmup_ms=profile.measurement.warmup_ms,
+        min_sample_ms=profile.measurement.min_sample_ms,
+        cpu=cpu,
+    )
+    measured, probe = time_end_to_end(built, target.example_input, settings, "validate: timing")
     rows = []
     for (candidate, prediction), ms in zip(predictions, measured, strict=True):
         rows.append(
@@ -216,7 +213,6 @@ def validate_profile(
                 source=prediction.source,
             )
         )
-    progress.close()
     summary = summarize(rows, target.model_name, target.experiment.name, command, probe)
     report = ValidationReport(summary=summary, predict_ms=predict_ms)
     if out_dir is not None:
