@@ -400,8 +400,8 @@ def time_end_to_end(
 
     A long-lived process is not the process a deployed model runs in: one that had built and run
     hundreds of one-operator ORT sessions ran the calibration candidates ~9% slower than a fresh one,
-    and one that had built the candidates itself ran the digits CNN's ~5% slower than the fresh
-    process that calibrated them, which read as a -5% bias of the eager profile in validation. Each
+    and the digits CNN's candidates ran 0-15% slower in the process that built them than in a fresh
+    child (three interleaved comparisons), which read as a negative bias of the eager profile. Each
     candidate is timed in ``END_TO_END_PASSES`` round-robin passes, keeping its quietest median
     (:func:`time_in_passes`); the child draws its own progress line (``label``) on stderr.
     """
