@@ -11,8 +11,8 @@
 2. Measure each new signature in isolation (:func:`~autocompress.evaluators.latency.time_in_passes`:
    warm-up, fixed threads, median of repeats, re-measured when noisy, the quietest of
    ``LUT_PASSES`` interleaved passes over a chunk of ``LUT_CHUNK`` units), pinned to one CPU. The
-   profile file is rewritten atomically after every chunk and at exit, so a killed run keeps what
-   it measured; rerunning the same command skips every signature already in the file.
+   profile file is rewritten atomically as chunks finish (at most every second) and at exit, so a
+   killed run keeps what it measured; rerunning the same command skips what is in the file.
 3. Calibrate: time ``calibration`` random candidates end to end (the same ones on every run: fixed
    seed; timed in a fresh process, in round-robin passes keeping each one's quietest median),
    measuring on demand any signature they contain that enumeration missed, and refit the overhead
