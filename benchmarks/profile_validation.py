@@ -6,7 +6,9 @@ built-in ``mnist1d`` 1-D CNN of ``experiments/mnist1d_cnn.yaml``, and the ResNet
 runs ``profile validate`` ``--rounds`` times with different candidate draws, prints every round's
 median / p90 / max absolute % error and the prediction time, and (with ``--record``) stores the
 first round's summary in the profile file, as ``autocompress profile validate --record`` would.
-Run it on a quiet machine: the end-to-end measurements are the reference.
+Each line also gives the same-model drift (the profile's calibration candidates re-timed in the same
+passes, now against at calibration) and the error with the predictions scaled by it, and the probe's
+drift (dispatch/compute). Run it on a quiet machine: the end-to-end measurements are the reference.
 
     python benchmarks/profile_validation.py autocompress/hw_profiles/xeon-torch-eager-1t.json \\
         autocompress/hw_profiles/xeon-onnxruntime-1t.json --n 30 --rounds 3 --record
@@ -72,7 +74,12 @@ def main() -> int:
                 machine = "no probe in profile"
                 if profile.probe is not None and s.probe is not None:
                     d, c = drift(profile.probe, s.probe)
-                    machine = f"machine drift dispatch {d:+5.1f}% compute {c:+5.1f}%"
+                    machine = f"probe {d:+5.1f}%/{c:+5.1f}%"
+                if s.drift is not None:
+                    machine = (
+                        f"same-model drift {(s.drift.ratio_median - 1) * 100:+5.1f}%, scaled |error| median "
+                        f"{s.drift.median_abs_error_pct:5.2f}% p90 {s.drift.p90_abs_error_pct:5.2f}%; {machine}"
+                    )
                 via = ", ".join(f"{n} {k}" for k, n in Counter(r.source for r in s.rows).most_common())
                 lines.append(
                     f"{profile.id:<24} {name:<9} round {round_}: |error| median {s.median_abs_error_pct:5.2f}%  "

@@ -25,7 +25,7 @@ from autocompress.hw_profiles.onnx_graph import model_units, unit_callable
 from autocompress.hw_profiles.profile import Profile, UnitVariant, parse_profile
 from autocompress.hw_profiles.runtimes import get_runtime
 from autocompress.hw_profiles.target import load_target
-from autocompress.hw_profiles.validate import validate_profile
+from autocompress.hw_profiles.validate import reference_candidates, validate_profile
 from autocompress.models import resnet18_cifar
 from autocompress.tasks import load_task
 
@@ -162,8 +162,16 @@ def test_tiny_measure_and_validate(experiment, target, tmp_path, capsys):
     assert {p.suffix for p in report.files} == {".csv", ".png", ".json"}
     assert all(p.stat().st_size > 0 for p in report.files)
     assert report.summary.probe is not None
+    # The three calibration candidates were re-timed beside them: the machine's same-model drift.
+    drift = report.summary.drift
+    assert drift is not None and drift.n == 3
+    assert drift.ratio_min <= drift.ratio_median <= drift.ratio_max
     out = capsys.readouterr().out
     assert "|error| median" in out and "machine vs when the profile was calibrated" in out
+    assert "same-model drift: 3 calibration candidates run" in out
+    assert "drift_scaled_abs_error_pct" in (tmp_path / "report").joinpath(report.files[0].name).read_text()
+    # A model the profile holds no calibration of has no reference to re-time.
+    assert reference_candidates(profile.model_copy(update={"calibration": []}), target) == []
 
 
 def test_killed_measurement_resumes(target, tmp_path, monkeypatch):

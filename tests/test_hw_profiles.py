@@ -24,7 +24,8 @@ from autocompress.hw_profiles import (
 from autocompress.hw_profiles.host import cpu_model, runtime_version
 from autocompress.hw_profiles.predictor import check_host
 from autocompress.hw_profiles.probe import describe_drift, drift, read_probe
-from autocompress.hw_profiles.profile import CalibrationSample, Overhead, ProbeReading, parse_profile
+from autocompress.hw_profiles.profile import CalibrationSample, Overhead, ProbeReading, ValidationRow, parse_profile
+from autocompress.hw_profiles.validate import describe_reference_drift, reference_drift, summarize
 
 
 def conv(cin: int, cout: int, size: int = 8, dtype: str = "fp32") -> OpSignature:
@@ -277,6 +278,34 @@ def test_probe_drift_is_reported_against_the_profile_reading():
     # A reading stored in a profile survives the file round trip.
     prof = parse_profile(profile_dict([entry(conv(8, 8), 1.0)], probe=reading.model_dump()))
     assert parse_profile(json.loads(prof.model_dump_json())).probe == reading
+
+
+def test_same_model_drift_scales_the_predictions_by_the_median_reference_ratio(profile, tmp_path, capsys):
+    # The machine runs 10% slower than at calibration: every candidate measures 1.1x its prediction.
+    rows = [
+        ValidationRow(candidate=f"c{i}", predicted_ms=p, measured_ms=p * 1.1, abs_error_pct=100 / 11)
+        for i, p in enumerate([0.5, 1.0, 2.0])
+    ]
+    # Reference ratios 1.1, 1.1 and an outlier 1.5: the median ignores the outlier.
+    drift = reference_drift(rows, then_ms=[1.0, 2.0, 1.0], now_ms=[1.1, 2.2, 1.5])
+    assert drift.n == 3 and drift.ratio_median == pytest.approx(1.1)
+    assert (drift.ratio_min, drift.ratio_max) == pytest.approx((1.1, 1.5))
+    assert drift.median_abs_error_pct == pytest.approx(0.0, abs=1e-9)
+    assert drift.max_abs_error_pct == pytest.approx(0.0, abs=1e-9)
+    off = reference_drift(rows, then_ms=[1.0], now_ms=[1.0])  # no drift read: the error stays
+    assert off.median_abs_error_pct == pytest.approx(100 / 11)
+    with pytest.raises(ValueError, match="got 1 and 2"):
+        reference_drift(rows, then_ms=[1.0, 2.0], now_ms=[1.0])
+    line = describe_reference_drift(drift)
+    assert "+10.0%" in line and "DRIFTED" in line and "median 0.00%" in line
+    assert "not read" in describe_reference_drift(None)
+    # Recorded with a validation, it survives the file round trip and `profile list` shows it.
+    summary = summarize(rows, "pkg.Model", "e", drift=drift)
+    recorded = profile.model_copy(update={"validation": [summary]})
+    path = save_profile(recorded, tmp_path / "p.json")
+    assert load_profile(path).validation[0].drift == drift
+    assert main(["profile", "list", str(path)]) == 0
+    assert "machine +10.0% vs calibration; scaled by it: median 0.00%" in capsys.readouterr().out
 
 
 def test_profile_from_another_machine_warns(profile):

@@ -132,9 +132,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         if p.description:
             print(f"    {p.description}")
         for v in p.validation:
+            scaled = ""
+            if v.drift is not None:
+                scaled = (
+                    f" (machine {(v.drift.ratio_median - 1) * 100:+.1f}% vs calibration; scaled by it: median "
+                    f"{v.drift.median_abs_error_pct:.2f}%, p90 {v.drift.p90_abs_error_pct:.2f}%)"
+                )
             print(
                 f"    validated on {v.model.rsplit('.', 1)[-1]} ({v.experiment}, n={v.n}): |error| median "
-                f"{v.median_abs_error_pct:.2f}%, p90 {v.p90_abs_error_pct:.2f}%, max {v.max_abs_error_pct:.2f}%"
+                f"{v.median_abs_error_pct:.2f}%, p90 {v.p90_abs_error_pct:.2f}%, max {v.max_abs_error_pct:.2f}%{scaled}"
             )
     return 0
 

@@ -347,12 +347,17 @@ def _measure_missing(
     return [sig for sig, _ in nodes]
 
 
+def calibration_candidates(target: Target, count: int) -> list[Candidate]:
+    """The first ``count`` candidates ``profile measure`` calibrates ``target`` on (the same on every run)."""
+    rng = random.Random(CALIBRATION_SEED)
+    return [target.builder.sample(rng) for _ in range(count)]
+
+
 def _calibrate(
     target: Target, settings: MeasureSettings, runtime: Runtime, writer: _Writer, log: Callable[[str], None]
 ) -> None:
-    rng = random.Random(CALIBRATION_SEED)
     done = {(s.model, s.candidate) for s in writer.samples}
-    candidates = [target.builder.sample(rng) for _ in range(settings.calibration)]
+    candidates = calibration_candidates(target, settings.calibration)
     todo = [c for c in candidates if (target.model_name, candidate_label(c)) not in done]
     if todo:
         log(

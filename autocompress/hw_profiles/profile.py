@@ -184,6 +184,19 @@ class ValidationRow(_Strict):
     source: str = Field(default="", description="how the prediction found the operators (Prediction.source)")
 
 
+class ReferenceDrift(_Strict):
+    """The machine's drift since calibration, read on the same models: calibration candidates re-timed
+    beside a validation's candidates, and that validation's error once its predictions are scaled by it."""
+
+    n: int = Field(ge=1, description="calibration candidates re-timed")
+    ratio_median: float = Field(gt=0, description="median of (measured now / measured at calibration)")
+    ratio_min: float = Field(gt=0)
+    ratio_max: float = Field(gt=0)
+    median_abs_error_pct: float = Field(description="|error| median with every prediction times ratio_median")
+    p90_abs_error_pct: float
+    max_abs_error_pct: float
+
+
 class ValidationSummary(_Strict):
     """A validation run recorded in the profile: error statistics and the rows behind them."""
 
@@ -196,6 +209,7 @@ class ValidationSummary(_Strict):
     measured_at: str
     command: str = ""
     probe: ProbeReading | None = Field(default=None, description="machine-state probe taken before the timing")
+    drift: ReferenceDrift | None = Field(default=None, description="same-model drift since calibration")
     rows: list[ValidationRow] = Field(default_factory=list)
 
 

@@ -8,6 +8,14 @@ and pinned CPU, in a fresh process, round-robin passes keeping each one's quiete
 The report is the table (printed and CSV), the error summary (median, p90, max of the absolute
 percentage error), a predicted-vs-measured scatter plot (PNG) and a JSON summary; the function
 returns it all so a caller (the search's MLflow logging) can attach the files.
+
+The machine itself moves: on the 2-core VM the shipped profiles come from, the same calibration
+candidates, timed the same way, ran 11-19% slower half an hour after calibration. So beside the
+validation candidates, a few of the profile's own calibration candidates are re-timed in the same
+passes (:data:`REFERENCES`); their latency now against their latency at calibration is the
+machine's drift on this very model, and the report gives the error both as measured and with every
+prediction scaled by that drift (:class:`~autocompress.hw_profiles.profile.ReferenceDrift`). The
+raw error is what a reader gets from the profile today; the scaled one is the predictor's own.
 """
 
 from __future__ import annotations
@@ -24,14 +32,28 @@ from pathlib import Path
 import numpy as np
 
 from autocompress.evaluators.latency import pinned_cpu
-from autocompress.hw_profiles.measure import MeasureSettings, candidate_label, now_iso, time_end_to_end
+from autocompress.hw_profiles.measure import (
+    MeasureSettings,
+    calibration_candidates,
+    candidate_label,
+    now_iso,
+    time_end_to_end,
+)
 from autocompress.hw_profiles.predictor import predict
-from autocompress.hw_profiles.probe import describe_drift
-from autocompress.hw_profiles.profile import ProbeReading, Profile, ValidationRow, ValidationSummary
+from autocompress.hw_profiles.probe import DRIFT_WARN_PCT, describe_drift
+from autocompress.hw_profiles.profile import (
+    ProbeReading,
+    Profile,
+    ReferenceDrift,
+    ValidationRow,
+    ValidationSummary,
+)
 from autocompress.hw_profiles.progress import Progress
 from autocompress.hw_profiles.target import Target
+from autocompress.spaces.candidate import Candidate
 
 VALIDATION_SEED = 2024  # not the calibration seed: validation candidates are not the fitted ones
+REFERENCES = 8  # calibration candidates re-timed beside the validation ones (the same-model drift meter)
 
 
 @dataclass
@@ -52,10 +74,68 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q, method="linear"))
 
 
+def reference_candidates(profile: Profile, target: Target, k: int = REFERENCES) -> list[tuple[Candidate, float]]:
+    """Up to ``k`` of ``target``'s calibration candidates with their latency (ms) as calibrated.
+
+    Empty when the profile holds no calibration of this model under this space (the labels of the
+    regenerated candidates must match the stored ones).
+    """
+    stored = {s.candidate: s.measured_ms for s in profile.calibration if s.model == target.model_name}
+    found = []
+    for candidate in calibration_candidates(target, len(stored)):
+        if candidate_label(candidate) in stored:
+            found.append((candidate, stored[candidate_label(candidate)]))
+        if len(found) == k:
+            break
+    return found
+
+
+def _scaled_error(row: ValidationRow, ratio: float) -> float:
+    return abs(row.predicted_ms * ratio - row.measured_ms) / row.measured_ms * 100
+
+
+def reference_drift(rows: list[ValidationRow], then_ms: list[float], now_ms: list[float]) -> ReferenceDrift:
+    """The drift read on re-timed calibration candidates (``then_ms`` at calibration, ``now_ms`` now),
+    and ``rows``' error once every prediction is multiplied by the median ratio now/then."""
+    if not then_ms or len(then_ms) != len(now_ms):
+        raise ValueError(f"need as many reference timings now as at calibration (got {len(now_ms)} and {len(then_ms)})")
+    ratios = [now / then for now, then in zip(now_ms, then_ms, strict=True)]
+    ratio = statistics.median(ratios)
+    errors = [_scaled_error(r, ratio) for r in rows]
+    return ReferenceDrift(
+        n=len(ratios),
+        ratio_median=ratio,
+        ratio_min=min(ratios),
+        ratio_max=max(ratios),
+        median_abs_error_pct=_pct(errors, 50),
+        p90_abs_error_pct=_pct(errors, 90),
+        max_abs_error_pct=max(errors),
+    )
+
+
+def describe_reference_drift(drift: ReferenceDrift | None) -> str:
+    """One line for reports: the same-model drift and the error with predictions scaled by it."""
+    if drift is None:
+        return "same-model drift: not read (the profile holds no calibration of this model under this space)"
+    pct = (drift.ratio_median - 1) * 100
+    verdict = "steady" if abs(pct) < DRIFT_WARN_PCT else "DRIFTED: the machine, not the profile, moved by this much"
+    return (
+        f"same-model drift: {drift.n} calibration candidates run {pct:+.1f}% "
+        f"({(drift.ratio_min - 1) * 100:+.1f} to {(drift.ratio_max - 1) * 100:+.1f}%) vs calibration ({verdict}); "
+        f"with predictions scaled by it, |error| median {drift.median_abs_error_pct:.2f}%, "
+        f"p90 {drift.p90_abs_error_pct:.2f}%, max {drift.max_abs_error_pct:.2f}%"
+    )
+
+
 def summarize(
-    rows: list[ValidationRow], model: str, experiment: str, command: str = "", probe: ProbeReading | None = None
+    rows: list[ValidationRow],
+    model: str,
+    experiment: str,
+    command: str = "",
+    probe: ProbeReading | None = None,
+    drift: ReferenceDrift | None = None,
 ) -> ValidationSummary:
-    """Median, p90 and max absolute % error of ``rows`` (``probe``: the machine-state reading taken)."""
+    """Median, p90 and max absolute % error of ``rows`` (``probe``, ``drift``: the machine readings taken)."""
     errors = [r.abs_error_pct for r in rows]
     return ValidationSummary(
         model=model,
@@ -67,6 +147,7 @@ def summarize(
         measured_at=now_iso(),
         command=command,
         probe=probe,
+        drift=drift,
         rows=rows,
     )
 
@@ -91,7 +172,8 @@ def format_table(summary: ValidationSummary, profile: str, predict_ms: float | N
 
 
 def plot(summary: ValidationSummary, profile: str, path: Path) -> Path:
-    """Scatter of predicted vs measured latency with the y = x line and a +-10% band."""
+    """Scatter of predicted vs measured latency with the y = x line and a +-10% band (and, when the
+    same-model drift was read, the predictions scaled by it as hollow circles)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,7 +181,9 @@ def plot(summary: ValidationSummary, profile: str, path: Path) -> Path:
 
     measured = [r.measured_ms for r in summary.rows]
     predicted = [r.predicted_ms for r in summary.rows]
-    low, high = min(measured + predicted) * 0.9, max(measured + predicted) * 1.1
+    drift = summary.drift
+    scaled = [p * drift.ratio_median for p in predicted] if drift is not None else []
+    low, high = min(measured + predicted + scaled) * 0.9, max(measured + predicted + scaled) * 1.1
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.fill_between([low, high], [low * 0.9, high * 0.9], [low * 1.1, high * 1.1], color="0.9", label="±10%")
     ax.plot([low, high], [low, high], color="0.4", lw=1, label="predicted = measured")
@@ -118,15 +202,25 @@ def plot(summary: ValidationSummary, profile: str, path: Path) -> Path:
             marker="x",
             label="some operators interpolated",
         )
+    title = (
+        f"{profile}: {summary.model.rsplit('.', 1)[-1]}\n|err| median {summary.median_abs_error_pct:.1f}%, "
+        f"p90 {summary.p90_abs_error_pct:.1f}%, max {summary.max_abs_error_pct:.1f}% (n={summary.n})"
+    )
+    if drift is not None:
+        ax.scatter(
+            measured,
+            scaled,
+            s=18,
+            facecolors="none",
+            edgecolors="tab:red",
+            label=f"predicted x {drift.ratio_median:.3f} (same-model drift)",
+        )
+        title += f"\nscaled by the drift: median {drift.median_abs_error_pct:.1f}%, p90 {drift.p90_abs_error_pct:.1f}%"
     ax.set_xlim(low, high)
     ax.set_ylim(low, high)
     ax.set_xlabel("measured latency (ms)")
     ax.set_ylabel("predicted latency (ms)")
-    ax.set_title(
-        f"{profile}: {summary.model.rsplit('.', 1)[-1]}\n|err| median {summary.median_abs_error_pct:.1f}%, "
-        f"p90 {summary.p90_abs_error_pct:.1f}%, max {summary.max_abs_error_pct:.1f}% (n={summary.n})",
-        fontsize=10,
-    )
+    ax.set_title(title, fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,11 +236,14 @@ def write_files(report: ValidationReport, profile: str, out_dir: Path, stem: str
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
-            ["candidate", "predicted_ms", "measured_ms", "abs_error_pct", "interpolated_ops", "source", "predict_ms"]
+            ["candidate", "predicted_ms", "measured_ms", "abs_error_pct", "drift_scaled_abs_error_pct"]
+            + ["interpolated_ops", "source", "predict_ms"]
         )
+        drift = report.summary.drift
         for row, ms in zip(report.summary.rows, report.predict_ms, strict=True):
+            scaled = "" if drift is None else f"{_scaled_error(row, drift.ratio_median):.3f}"
             writer.writerow(
-                [row.candidate, f"{row.predicted_ms:.5f}", f"{row.measured_ms:.5f}", f"{row.abs_error_pct:.3f}"]
+                [row.candidate, f"{row.predicted_ms:.5f}", f"{row.measured_ms:.5f}", f"{row.abs_error_pct:.3f}", scaled]
                 + [row.interpolated_ops, row.source, f"{ms:.3f}"]
             )
     plot(report.summary, profile, png_path)
@@ -173,7 +270,8 @@ def validate_profile(
 ) -> ValidationReport:
     """Predict and measure ``n`` random candidates of ``target``'s space on ``profile``'s runtime.
 
-    Measures with the profile's thread count (pinned to ``cpu`` at one thread). With ``out_dir``,
+    Measures with the profile's thread count (pinned to ``cpu`` at one thread), together with up to
+    :data:`REFERENCES` of the profile's calibration candidates (the same-model drift). With ``out_dir``,
     writes the CSV, PNG and JSON there (see :func:`write_files`) and lists them in the report.
     """
     if n < 1:
@@ -200,7 +298,10 @@ def validate_profile(
         min_sample_ms=profile.measurement.min_sample_ms,
         cpu=cpu,
     )
-    measured, probe = time_end_to_end(built, target.example_input, settings, "validate: timing")
+    references = reference_candidates(profile, target)
+    built += [target.builder.build(candidate) for candidate, _ in references]
+    timed, probe = time_end_to_end(built, target.example_input, settings, "validate: timing")
+    measured, now_ms = timed[:n], timed[n:]
     rows = []
     for (candidate, prediction), ms in zip(predictions, measured, strict=True):
         rows.append(
@@ -213,11 +314,13 @@ def validate_profile(
                 source=prediction.source,
             )
         )
-    summary = summarize(rows, target.model_name, target.experiment.name, command, probe)
+    drift = reference_drift(rows, [ms for _, ms in references], now_ms) if references else None
+    summary = summarize(rows, target.model_name, target.experiment.name, command, probe, drift)
     report = ValidationReport(summary=summary, predict_ms=predict_ms)
     if out_dir is not None:
         stem = f"validation_{profile.id}_{target.model_name.rsplit('.', 1)[-1]}"
         report.files = write_files(report, profile.id, out_dir, stem)
     log(format_table(summary, profile.id, report.predict_ms_median))
     log(describe_drift(profile.probe, probe))
+    log(describe_reference_drift(drift))
     return report

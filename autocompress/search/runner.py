@@ -348,6 +348,16 @@ def log_profiles(exp: Experiment, ctx: TrialContext, tracker: Tracker, parent_id
                     f"profile.{name}.validation.{model}.max_abs_error_pct": v.max_abs_error_pct,
                 }
             )
+            if v.drift is not None:
+                metrics.update(
+                    {
+                        f"profile.{name}.validation.{model}.drift_ratio": v.drift.ratio_median,
+                        f"profile.{name}.validation.{model}.drift_scaled_median_abs_error_pct": (
+                            v.drift.median_abs_error_pct
+                        ),
+                        f"profile.{name}.validation.{model}.drift_scaled_p90_abs_error_pct": v.drift.p90_abs_error_pct,
+                    }
+                )
         tracker.log(parent_id, metrics=metrics, tags=tags)
         tracker.log_artifact(parent_id, resolve_profile_path(source), "profiles")
 
