@@ -18,6 +18,7 @@ from autocompress.compress.prune import prune
 from autocompress.evaluators.latency import time_in_passes, torch_threads
 from autocompress.hw_profiles import load_profile, ort_map, predict
 from autocompress.hw_profiles import measure as measure_mod
+from autocompress.hw_profiles import validate as validate_mod
 from autocompress.hw_profiles.eager import build_unit, eager_signatures, unit_graph
 from autocompress.hw_profiles.host import cpu_model, runtime_version
 from autocompress.hw_profiles.measure import MeasureSettings, measure_profile
@@ -144,7 +145,7 @@ def test_time_in_passes_interleaves_and_keeps_the_quietest_pass():
         time_in_passes([bursty], 0)
 
 
-def test_tiny_measure_and_validate(experiment, target, tmp_path, capsys):
+def test_tiny_measure_and_validate(experiment, target, tmp_path, capsys, monkeypatch):
     out = tmp_path / "eager.json"
     profile = measure_profile(target, out, MeasureSettings(cpu=None, **FAST), log=lambda _: None)
     assert load_profile(out) == profile
@@ -172,6 +173,24 @@ def test_tiny_measure_and_validate(experiment, target, tmp_path, capsys):
     assert "drift_scaled_abs_error_pct" in (tmp_path / "report").joinpath(report.files[0].name).read_text()
     # A model the profile holds no calibration of has no reference to re-time.
     assert reference_candidates(profile.model_copy(update={"calibration": []}), target) == []
+
+    # Bookkeeping of the interleaved timing: every model "runs" 1.25x its prediction and every reference
+    # "ran" its prediction at calibration; a timing handed back to the wrong candidate would show.
+    def predicted(model_and_bits):
+        return predict(model_and_bits[0], target.example_input, profile, model_and_bits[1]).latency_ms
+
+    def slower_by_a_quarter(built, example_input, settings, label):
+        return [predicted(mb) * 1.25 for mb in built], report.summary.probe
+
+    def references_as_predicted(prof, tgt):
+        return [(c, predicted(tgt.builder.build(c))) for c, _ in reference_candidates(prof, tgt)]
+
+    monkeypatch.setattr(validate_mod, "time_end_to_end", slower_by_a_quarter)
+    monkeypatch.setattr(validate_mod, "reference_candidates", references_as_predicted)
+    faked = validate_profile(profile, target, 12, repeats=5, log=lambda _: None).summary
+    assert [r.abs_error_pct for r in faked.rows] == pytest.approx([20.0] * 12)
+    assert (faked.drift.ratio_min, faked.drift.ratio_max) == pytest.approx((1.25, 1.25))
+    assert faked.drift.max_abs_error_pct == pytest.approx(0.0, abs=1e-9)
 
 
 def test_killed_measurement_resumes(target, tmp_path, monkeypatch):
