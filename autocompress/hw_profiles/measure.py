@@ -9,12 +9,12 @@
    chosen greedily to cover every (eager unit signature, own/neighbour int8-ness) combination the
    pool shows, the things ORT's node choice depends on; only those are deployed.
 2. Measure each new signature in isolation (:func:`~autocompress.evaluators.latency.time_in_passes`:
-   warm-up, fixed threads, median of repeats, re-measured when noisy, the quietest of
+   warm-up, fixed threads, median of repeats, re-measured when noisy, the mean over
    ``LUT_PASSES`` interleaved passes over a chunk of ``LUT_CHUNK`` units), pinned to one CPU. The
    profile file is rewritten atomically as chunks finish (at most every second) and at exit, so a
    killed run keeps what it measured; rerunning the same command skips what is in the file.
 3. Calibrate: time ``calibration`` random candidates end to end (the same ones on every run: fixed
-   seed; timed in a fresh process, in round-robin passes keeping each one's quietest median),
+   seed; timed in a fresh process, in round-robin passes averaged per candidate),
    measuring on demand any signature they contain that enumeration missed, and refit the overhead
    terms on all samples in the profile (every model measured into it so far).
 """
@@ -201,7 +201,7 @@ def _measure_units(
     on_done: Callable[[int], None] | None = None,
 ) -> None:
     """Time isolated units in chunks of ``LUT_CHUNK``, ``LUT_PASSES`` interleaved passes each, and add
-    each unit's quietest timing to the profile (a killed run keeps every finished chunk)."""
+    each unit's timing to the profile (a killed run keeps every finished chunk)."""
     for start in range(0, len(units), LUT_CHUNK):
         chunk = units[start : start + LUT_CHUNK]
         timed = time_in_passes(
@@ -408,7 +408,7 @@ def time_end_to_end(
     hundreds of one-operator ORT sessions ran the calibration candidates ~9% slower than a fresh one,
     and the digits CNN's candidates ran 0-15% slower in the process that built them than in a fresh
     child (three interleaved comparisons), which read as a negative bias of the eager profile. Each
-    candidate is timed in ``END_TO_END_PASSES`` round-robin passes, keeping its quietest median
+    candidate is timed in ``END_TO_END_PASSES`` round-robin passes, averaging its per-pass medians
     (:func:`time_in_passes`); the child draws its own progress line (``label``) on stderr.
     """
     context = multiprocessing.get_context("spawn")

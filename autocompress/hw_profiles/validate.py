@@ -4,7 +4,7 @@ Candidates are drawn as a search draws them (every parameter uniformly, int8 lay
 built with the profiling builder, predicted from the profile (timed: the per-candidate cost of a
 prediction is part of the report) and measured end to end on this machine exactly as the profile's
 calibration was (:func:`~autocompress.hw_profiles.measure.time_end_to_end`: same runtime, threads
-and pinned CPU, in a fresh process, round-robin passes keeping each one's quietest median).
+and pinned CPU, in a fresh process, the mean over round-robin passes).
 The report is the table (printed and CSV), the error summary (median, p90, max of the absolute
 percentage error), a predicted-vs-measured scatter plot (PNG) and a JSON summary; the function
 returns it all so a caller (the search's MLflow logging) can attach the files.
