@@ -41,6 +41,7 @@ def main() -> int:
     parser.add_argument("profiles", nargs="+", type=Path, help="profile JSON files to validate")
     parser.add_argument("--n", type=int, default=30, help="candidates per round (default 30)")
     parser.add_argument("--rounds", type=int, default=2, help="validation rounds per profile and model (default 2)")
+    parser.add_argument("--first-round", type=int, default=0, help="number of the first round (its seed offset)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/profile_validation"), help="report files")
     parser.add_argument("--record", action="store_true", help="store the first round's summary in each profile")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
@@ -53,7 +54,7 @@ def main() -> int:
         recorded = list(profile.validation)
         for name, target in targets.items():
             experiment, ref, shape = MODELS[name]
-            for round_ in range(args.rounds):
+            for round_ in range(args.first_round, args.first_round + args.rounds):
                 seed = VALIDATION_SEED + round_
                 parts = ["autocompress", "profile", "validate", str(path), "--experiment", experiment]
                 if ref:
