@@ -267,6 +267,22 @@ def test_overhead_fit_takes_a_kind_whose_scale_is_not_identifiable_back_into_one
     assert fitted.scale["a.A"] > 0
 
 
+def test_overhead_fit_holds_a_model_scale_that_fits_negative_at_one():
+    # Four noisy samples whose measured time falls as their LUT sum rises (seen with 4 calibration
+    # candidates of a tiny model): a free scale fits at -1 and would predict negative latencies.
+    samples = [
+        CalibrationSample(model="a.A", n_ops=10, lut_ms=lut, measured_ms=ms)
+        for lut, ms in ((0.10, 0.50), (0.11, 0.49), (0.12, 0.48), (0.13, 0.47))
+    ]
+    free = np.linalg.lstsq(
+        np.array([[1.0, s.lut_ms] for s in samples]), np.array([s.measured_ms for s in samples]), rcond=None
+    )[0]
+    assert free[1] == pytest.approx(-1.0)
+    fitted = fit_overhead(samples)
+    assert fitted.scale["a.A"] == 1.0 and fitted.default_scale == 1.0
+    assert fitted.constant_ms["a.A"] == pytest.approx(0.48 - 0.115, rel=0.05)
+
+
 def test_probe_drift_is_reported_against_the_profile_reading():
     reference = ProbeReading(dispatch_us=50.0, compute_ms=0.5)
     assert drift(reference, ProbeReading(dispatch_us=60.0, compute_ms=0.45)) == pytest.approx((20.0, -10.0))

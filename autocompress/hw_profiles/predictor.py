@@ -225,7 +225,8 @@ def fit_overhead(samples: Sequence[CalibrationSample]) -> Overhead:
     of its operators at scale 1; else one scale for all its operators, or 1 with fewer than
     ``MIN_SCALE_SAMPLES`` samples (or no spread in its LUT sums). A kind whose fitted scale comes out
     at or below zero was not identifiable from the samples (its LUT time moves with another kind's):
-    it loses its own scale and the fit is redone. The per-op term is dropped (0) when the operator
+    it loses its own scale and the fit is redone; a model's one scale at or below zero (a few noisy
+    samples with little spread) is held at 1 the same way. The per-op term is dropped (0) when the operator
     count does not vary within any model, since it is then indistinguishable from the constants.
     Models without samples get the medians of the fitted scales and constants.
     """
@@ -234,29 +235,37 @@ def fit_overhead(samples: Sequence[CalibrationSample]) -> Overhead:
     models = sorted({s.model for s in samples})
     by_model = {m: [s for s in samples if s.model == m] for m in models}
     kinds = {m: _kind_split(by_model[m]) for m in models}
+    fixed: set[str] = set()  # models whose one scale fitted at or below zero: held at 1
     while True:
-        fitted = _solve(samples, by_model, kinds)
+        fitted = _solve(samples, by_model, kinds, fixed)
         unphysical = {m: [op for op, v in fitted.op_scale.get(m, {}).items() if v <= 0] for m in models}
-        if not any(unphysical.values()):
+        negative = {m for m in models if fitted.scale[m] <= 0}
+        if not any(unphysical.values()) and not negative:
             break
         kinds = {m: [op for op in kinds[m] if op not in unphysical[m]] for m in models}
+        fixed |= negative
     errors = []
     for s in samples:
         _, extra, _ = overhead_terms(fitted, s.model, s.n_ops)
         lut = scaled_sum(fitted, s.model, s.lut_by_op) if s.lut_by_op else fitted.scale[s.model] * s.lut_ms
         errors.append(abs(lut + extra - s.measured_ms) / s.measured_ms * 100)
-    return fitted.model_copy(update={"residual_pct": float(np.median(errors))})
+    return Overhead.model_validate({**fitted.model_dump(), "residual_pct": float(np.median(errors))})
 
 
 def _solve(
     samples: Sequence[CalibrationSample],
     by_model: dict[str, list[CalibrationSample]],
     kinds: dict[str, list[str]],
+    fixed: set[str],
 ) -> Overhead:
-    """One weighted least-squares solve of :func:`fit_overhead` with the given per-kind split."""
+    """One weighted least-squares solve of :func:`fit_overhead` with the given per-kind split
+    (``fixed``: models held at scale 1)."""
     models = sorted(by_model)
     whole = {
-        m: not kinds[m] and len(by_model[m]) >= MIN_SCALE_SAMPLES and np.ptp([s.lut_ms for s in by_model[m]]) > 0
+        m: m not in fixed
+        and not kinds[m]
+        and len(by_model[m]) >= MIN_SCALE_SAMPLES
+        and np.ptp([s.lut_ms for s in by_model[m]]) > 0
         for m in models
     }
     columns: list[tuple[str, str]] = [(m, "") for m in models]  # constants
@@ -283,7 +292,8 @@ def _solve(
     value = {column: float(coef[i]) for i, column in enumerate(columns)}
     constants = {m: value[(m, "")] for m in models}
     scales = {m: value.get((m, "*"), 1.0) for m in models}
-    return Overhead(
+    # Not validated here: a scale may come out <= 0, which fit_overhead catches and refits.
+    return Overhead.model_construct(
         per_op_ms=float(coef[-1]) if identifiable else 0.0,
         constant_ms=constants,
         default_constant_ms=float(np.median(list(constants.values()))),
