@@ -14,9 +14,10 @@ from autocompress.cli import main
 from autocompress.config import parse_experiment
 from autocompress.errors import ConfigError
 from autocompress.evaluators.latency import torch_threads
-from autocompress.hw_profiles import load_profile, predict
+from autocompress.hw_profiles import load_profile, predict, save_profile
 from autocompress.hw_profiles.measure import MeasureSettings, measure_profile
 from autocompress.hw_profiles.target import load_target
+from autocompress.hw_profiles.validate import validate_profile
 from autocompress.search import run_search
 from autocompress.search.objectives import build_candidate, make_context
 from autocompress.spaces import Candidate
@@ -27,7 +28,7 @@ from tests.conftest import tiny_experiment_dict
 
 @pytest.fixture(scope="module")
 def eager_profile(tmp_path_factory):
-    """A real torch-eager profile of the tiny experiment's space, measured here (a few seconds)."""
+    """A real torch-eager profile of the tiny experiment's space, measured and validated here (seconds)."""
     root = tmp_path_factory.mktemp("profile")
     data = tiny_experiment_dict(root / "unused")
     path = root / "tiny.yaml"
@@ -35,8 +36,11 @@ def eager_profile(tmp_path_factory):
     settings = MeasureSettings(
         runtime="torch-eager", repeats=5, warmup_ms=2.0, min_sample_ms=0.2, calibration=4, profile_id="tiny-eager"
     )
+    target = load_target(path)
     with torch_threads(1):
-        measure_profile(load_target(path), root / "tiny-eager.json", settings, log=lambda _: None)
+        profile = measure_profile(target, root / "tiny-eager.json", settings, log=lambda _: None)
+        report = validate_profile(profile, target, 2, repeats=5, log=lambda _: None)
+    save_profile(profile.model_copy(update={"validation": [report.summary]}), root / "tiny-eager.json")
     return root / "tiny-eager.json"
 
 
@@ -85,6 +89,13 @@ def test_mlflow_holds_per_profile_metrics_tags_and_the_profile_file(profile_sear
     assert parent.data.tags["profile.tiny-eager.runtime"].startswith("torch-eager ")
     assert "front_size.tiny-eager" in parent.data.metrics and "hypervolume.tiny-eager" in parent.data.metrics
     assert [a.path for a in client.list_artifacts(result.parent_run_id, "profiles")] == ["profiles/tiny-eager.json"]
+    # the profile's recorded validation, raw and scaled by the same-model drift, is on the parent run
+    recorded = load_profile(exp.profiles[0]).validation[0]
+    prefix = f"profile.tiny-eager.validation.{recorded.model.rsplit('.', 1)[-1]}"
+    assert parent.data.metrics[f"{prefix}.median_abs_error_pct"] == pytest.approx(recorded.median_abs_error_pct)
+    assert parent.data.metrics[f"{prefix}.drift_ratio"] == pytest.approx(recorded.drift.ratio_median)
+    scaled = parent.data.metrics[f"{prefix}.drift_scaled_median_abs_error_pct"]
+    assert scaled == pytest.approx(recorded.drift.median_abs_error_pct)
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"
     )
