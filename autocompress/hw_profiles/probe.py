@@ -60,6 +60,6 @@ def describe_drift(reference: ProbeReading | None, now: ProbeReading) -> str:
     verdict = (
         "steady"
         if max(abs(d), abs(c)) < DRIFT_WARN_PCT
-        else "DRIFTED: part of the error below is the machine, not the profile"
+        else "DRIFTED: part of the error is the machine, not the profile"
     )
     return f"machine vs when the profile was calibrated: dispatch {d:+.1f}%, compute {c:+.1f}% ({verdict})"

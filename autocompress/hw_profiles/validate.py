@@ -10,9 +10,10 @@ percentage error), a predicted-vs-measured scatter plot (PNG) and a JSON summary
 returns it all so a caller (the search's MLflow logging) can attach the files.
 
 The machine itself moves: on the 2-core VM the shipped profiles come from, the same calibration
-candidates, timed the same way, ran 11-19% slower half an hour after calibration, and 6-9% faster
-an hour later. So the profile's own calibration candidates of the model (up to :data:`REFERENCES`)
-are re-timed too, spread through the same passes as the validation candidates; their latency now
+candidates, timed the same way, ran 11-19% slower 40 minutes after calibration, and a profile
+validated right after it was measured saw them run from 13% faster to 13% slower, minutes apart.
+So the profile's own calibration candidates of the model (up to :data:`REFERENCES`) are re-timed
+too, spread through the same passes as the validation candidates; their latency now
 against their latency at calibration is the machine's drift on this very model, and the report
 gives the error both as measured and with every prediction scaled by that drift
 (:class:`~autocompress.hw_profiles.profile.ReferenceDrift`). The raw error is what a reader gets
