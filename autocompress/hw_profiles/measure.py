@@ -365,17 +365,19 @@ def _calibrate(
             "timing in a fresh process"
         )
     progress = Progress("calibrate", len(todo), "candidates")
-    pending = []
+    signatures = []
     for i, candidate in enumerate(todo):
-        sigs = _measure_missing(target, candidate, settings, runtime, writer)
-        profile = writer.save(force=True)
+        signatures.append(_measure_missing(target, candidate, settings, runtime, writer))
+        progress.update(i + 1, note="operators measured")
+    progress.close()
+    profile = writer.save(force=True)  # once: the look-ups below need every entry just measured
+    pending = []
+    for candidate, sigs in zip(todo, signatures, strict=True):
         try:
             split = lut_by_op([(sig.key(), lookup(profile, sig)[0]) for sig in sigs])
         except UnpredictableSignature as err:  # cannot happen: every signature was just measured
             raise AutocompressError(f"calibration: {err}") from None
         pending.append((candidate, len(sigs), split))
-        progress.update(i + 1, note="operators measured")
-    progress.close()
     probe = writer.profile.probe
     measured: list[float] = []
     if pending:

@@ -87,15 +87,20 @@ def reference_candidates(profile: Profile, target: Target, k: int = REFERENCES) 
     stored = {s.candidate: s.measured_ms for s in profile.calibration if s.model == target.model_name}
     found = []
     for candidate in calibration_candidates(target, len(stored)):
-        if candidate_label(candidate) in stored:
-            found.append((candidate, stored[candidate_label(candidate)]))
+        label = candidate_label(candidate)
+        if label in stored:
+            found.append((candidate, stored[label]))
         if len(found) == k:
             break
     return found
 
 
+def _abs_error_pct(predicted_ms: float, measured_ms: float) -> float:
+    return abs(predicted_ms - measured_ms) / measured_ms * 100
+
+
 def _scaled_error(row: ValidationRow, ratio: float) -> float:
-    return abs(row.predicted_ms * ratio - row.measured_ms) / row.measured_ms * 100
+    return _abs_error_pct(row.predicted_ms * ratio, row.measured_ms)
 
 
 def reference_drift(rows: list[ValidationRow], then_ms: list[float], now_ms: list[float]) -> ReferenceDrift:
@@ -323,7 +328,7 @@ def validate_profile(
                 candidate=candidate_label(candidate),
                 predicted_ms=prediction.latency_ms,
                 measured_ms=ms,
-                abs_error_pct=abs(prediction.latency_ms - ms) / ms * 100,
+                abs_error_pct=_abs_error_pct(prediction.latency_ms, ms),
                 interpolated_ops=len(prediction.interpolated),
                 source=prediction.source,
             )
