@@ -288,3 +288,30 @@ def test_fold_fp32_constants_rewires_only_fp32_readers(tmp_path):
     # Once every reader is fp32 the DequantizeLinear goes.
     assert fold_fp32_constants(path, {"fp32_add", "int8_add"}) == 1
     assert "b_DequantizeLinear" not in {n.name for n in onnx.load(str(path)).graph.node}
+
+
+def test_reduced_int8_weight_range_is_deployed_and_simulated(trained, task, calibration, val, tmp_path, monkeypatch):
+    """Forced 7-bit range (what an x86 CPU without VNNI gets): ORT's int8 weights stay in [-64, 64] and
+    the deployed model agrees with the simulation, whatever CPU runs the test."""
+    from autocompress.compress import quantize
+
+    monkeypatch.setenv(quantize.REDUCE_RANGE_ENV, "1")
+    quantize.int8_weight_qmax.cache_clear()
+    try:
+        assert quantize.weight_qmax(8) == 64 and quantize.weight_qmax(4) == 7
+        sim = simulate(trained, ALL_INT8, calibration)
+        deployment = deploy(sim, ALL_INT8, task.example_input(), calibration, tmp_path)
+        weights = [
+            numpy_helper.to_array(t)
+            for t in onnx.load(str(deployment.onnx_path)).graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and numpy_helper.to_array(t).ndim >= 2
+        ]
+        assert len(weights) == len(LAYERS)
+        assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == 64
+        sim_logits, _ = predict(sim, val)
+        ort_logits, _ = predict(deployment.model, val)
+        assert (sim_logits.argmax(1) == ort_logits.argmax(1)).float().mean().item() >= 0.99
+        assert (sim_logits - ort_logits).abs().mean().item() < 0.018
+    finally:
+        monkeypatch.delenv(quantize.REDUCE_RANGE_ENV)
+        quantize.int8_weight_qmax.cache_clear()

@@ -43,6 +43,7 @@ from autocompress.compress.quantize import (
     FP32,
     attach_weight_quant,
     batch_inputs,
+    int8_weight_qmax,
     plain_copy,
 )
 
@@ -160,6 +161,8 @@ def _quantize(
             reader,
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,
+            # 7-bit weights where the int8 kernels would saturate (the simulation uses the same range).
+            reduce_range=int8_weight_qmax() < 127,
             weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8,
             calibrate_method=CalibrationMethod.MinMax,
