@@ -13,16 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from autocompress.errors import ConfigError
+from autocompress.techniques.base import Section, Stage
 
 OBJECTIVES = ("accuracy", "latency", "size")
 
 
-class _Section(BaseModel):
-    # forbid: a misspelt key must be an error, not a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_Section = Section  # forbid: a misspelt key must be an error, not a silently ignored setting
 
 
 class TaskConfig(_Section):
@@ -62,88 +61,24 @@ class TeacherConfig(_Section):
         return value
 
 
-class PruneSpace(_Section):
-    """Per-group structured pruning: the fraction of output channels/neurons removed."""
-
-    enabled: bool = True
-    ratios: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75], min_length=1)
-    # Kernels run fastest on channel counts that are multiples of 8 (SIMD width): keep them so.
-    round_to: int = Field(default=8, ge=1)
-    importance: Literal["l1", "l2", "taylor"] = "l1"
-    calibration_batches: int = Field(default=4, ge=1, description="batches of training data for taylor importance")
-
-    @field_validator("ratios")
-    @classmethod
-    def _ratios_in_range(cls, value: list[float]) -> list[float]:
-        for ratio in value:
-            if not 0.0 <= ratio < 1.0:
-                raise ValueError(f"pruning ratio {ratio} must be in [0, 1)")
-        return sorted(set(value))
-
-
-class QuantizeSpace(_Section):
-    """Per-layer weight bit-width; 32 means the layer stays in fp32."""
-
-    enabled: bool = True
-    bits: list[int] = Field(default_factory=lambda: [32, 8, 4], min_length=1)
-    calibration_batches: int = Field(default=4, ge=1, description="training batches that calibrate int8 ranges")
-
-    @field_validator("bits")
-    @classmethod
-    def _supported_bits(cls, value: list[int]) -> list[int]:
-        for b in value:
-            if b != 32 and not 2 <= b <= 8:
-                raise ValueError(f"bit-width {b} is not supported: use 2..8, or 32 for fp32")
-        return sorted(set(value), reverse=True)
-
-
-class LowRankSpace(_Section):
-    """Per-layer low-rank factorization (SVD / Tucker-2); rank as a fraction of full rank."""
-
-    enabled: bool = False  # opt-in: on small CNNs at batch 1 the extra layers can cost more than they save
-    fractions: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.25], min_length=1)
-
-    @field_validator("fractions")
-    @classmethod
-    def _fractions_in_range(cls, value: list[float]) -> list[float]:
-        for f in value:
-            if not 0.0 < f <= 1.0:
-                raise ValueError(f"rank fraction {f} must be in (0, 1]")
-        return sorted(set(value))
-
-
-class DistillSpace(_Section):
-    """Knowledge-distillation settings searched per trial (temperature T, KD weight alpha)."""
-
-    temperature: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0], min_length=1)
-    alpha: list[float] = Field(default_factory=lambda: [0.0, 0.5, 0.7, 0.9], min_length=1)
-
-    @field_validator("temperature")
-    @classmethod
-    def _positive(cls, value: list[float]) -> list[float]:
-        for t in value:
-            if t <= 0:
-                raise ValueError(f"temperature {t} must be > 0")
-        return sorted(set(value))
-
-    @field_validator("alpha")
-    @classmethod
-    def _unit(cls, value: list[float]) -> list[float]:
-        for a in value:
-            if not 0.0 <= a <= 1.0:
-                raise ValueError(f"alpha {a} must be in [0, 1]")
-        return sorted(set(value))
-
-
-class SpaceConfig(_Section):
+class _SpaceBase(_Section):
     """What the search may change, and on which layers (fnmatch globs on module names)."""
 
     include: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     exclude: list[str] = Field(default_factory=list)
-    prune: PruneSpace = Field(default_factory=PruneSpace)
-    quantize: QuantizeSpace = Field(default_factory=QuantizeSpace)
-    lowrank: LowRankSpace = Field(default_factory=LowRankSpace)
-    distill: DistillSpace = Field(default_factory=DistillSpace)
+
+
+def _space_config() -> type[_SpaceBase]:
+    """``space``: the layer globs plus one section per registered technique (its ``config_key``)."""
+    from autocompress.techniques import techniques
+
+    sections: dict[str, Any] = {
+        t.config_key: (t.config_model, Field(default_factory=t.config_model)) for t in techniques()
+    }
+    return create_model("SpaceConfig", __base__=_SpaceBase, __doc__=_SpaceBase.__doc__, **sections)
+
+
+SpaceConfig = _space_config()
 
 
 class FinetuneConfig(_Section):
@@ -246,7 +181,7 @@ class Experiment(_Section):
     output_dir: Path | None = None
     task: TaskConfig
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    space: SpaceConfig = Field(default_factory=SpaceConfig)  # type: ignore[valid-type]
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     objectives: list[Literal["accuracy", "latency", "size"]] = Field(
@@ -290,8 +225,11 @@ class Experiment(_Section):
 
     @model_validator(mode="after")
     def _something_to_search(self) -> Experiment:
-        if not (self.space.prune.enabled or self.space.quantize.enabled or self.space.lowrank.enabled):
-            raise ValueError("space: enable at least one of prune, quantize, lowrank")
+        from autocompress.techniques import techniques
+
+        compressing = [t for t in techniques() if t.stage < Stage.FINETUNE]
+        if not any(t.enabled(getattr(self.space, t.config_key)) for t in compressing):
+            raise ValueError(f"space: enable at least one of {', '.join(t.config_key for t in compressing)}")
         if not self.latency.measure_host and not self.profiles:
             raise ValueError("latency.measure_host is false and no profiles are named: nothing would give a latency")
         primary = self.search.primary_profile

@@ -131,8 +131,7 @@ def test_pipeline_is_deterministic_and_does_not_touch_the_teacher():
     candidate = Candidate(
         prune={g.name: max(useful_ratios(g.channels, [0.0, 0.5], 8)) for g in groups},
         bits={"fc1": 8},
-        kd_temperature=2.0,
-        kd_alpha=0.5,
+        kd={"temperature": 2.0, "alpha": 0.5},
     )
     settings = PipelineSettings(finetune_epochs=1, seed=5)
 

@@ -93,9 +93,9 @@ def test_builder_matches_the_real_pruner(target):
         fast, _ = target.builder.build(candidate)
         real = prune(
             copy.deepcopy(target.builder.model),
-            candidate.prune,
+            candidate.get("prune"),
             target.example_input,
-            round_to=target.builder.space.round_to,
+            round_to=target.builder.round_to,
         )
         assert {k: v.shape for k, v in fast.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
 

@@ -177,10 +177,11 @@ def test_resume_is_refused_before_any_work(tmp_path):
 
 
 SPACE = SearchSpace(
-    prune={"features.0": (0.0, 0.5), "features.3": (0.0, 0.5, 0.75)},
-    bits={"features.0": (32, 8), "classifier.1": (32, 8)},
-    kd_temperature=(2.0, 4.0),
-    kd_alpha=(0.5,),
+    {
+        "prune": {"features.0": (0.0, 0.5), "features.3": (0.0, 0.5, 0.75)},
+        "bits": {"features.0": (32, 8), "classifier.1": (32, 8)},
+        "kd": {"temperature": (2.0, 4.0), "alpha": (0.5,)},
+    }
 )
 
 
@@ -202,7 +203,7 @@ def test_searcher_suggestions_rebuild_candidates_with_the_space_parameter_names(
         params = candidate_params(config)
         assert set(params) == set(SPACE.distributions())  # Tune's "/" nesting undone
         candidate = Candidate.from_params(params)
-        assert candidate.prune["features.3"] in SPACE.prune["features.3"]
+        assert candidate.get("prune")["features.3"] in SPACE.get("prune")["features.3"]
         assert candidate.to_params() == params
 
 

@@ -76,7 +76,7 @@ def test_pruned_candidates_are_smaller_and_rebuild_to_the_logged_figures(finishe
     pruned_seen = False
     for trial in study.get_trials(states=(TrialState.COMPLETE,)):
         candidate = Candidate.from_params(trial.params)
-        if any(r > 0 for r in candidate.prune.values()):
+        if any(r > 0 for r in candidate.get("prune").values()):
             pruned_seen = True
             assert trial.user_attrs["metrics"]["params"] < teacher_params
     assert pruned_seen

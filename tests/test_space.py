@@ -20,18 +20,18 @@ X = torch.randn(1, 1, 32, 32)
 
 def test_space_lists_groups_layers_and_useful_choices_only():
     space = build_space(DigitsCNN(width=32).eval(), X, SpaceConfig())
-    assert set(space.prune) == {f"features.conv{i}.conv" for i in range(1, 6)} | {"fc1"}
-    assert space.prune["features.conv1.conv"] == (0.0, 0.25, 0.5, 0.75)  # 32 -> 32, 24, 16, 8
-    assert set(space.bits) == {f"features.conv{i}.conv" for i in range(1, 6)} | {"fc1", "fc2"}
-    assert space.rank == {}  # low-rank is opt-in
+    assert set(space.get("prune")) == {f"features.conv{i}.conv" for i in range(1, 6)} | {"fc1"}
+    assert space.get("prune")["features.conv1.conv"] == (0.0, 0.25, 0.5, 0.75)  # 32 -> 32, 24, 16, 8
+    assert set(space.get("bits")) == {f"features.conv{i}.conv" for i in range(1, 6)} | {"fc1", "fc2"}
+    assert space.get("rank") == {}  # low-rank is opt-in
     narrow = build_space(DigitsCNN(width=8).eval(), X, SpaceConfig())
-    assert "features.conv1.conv" not in narrow.prune  # 8 channels: every ratio rounds to 0 or 8
+    assert "features.conv1.conv" not in narrow.get("prune")  # 8 channels: every ratio rounds to 0 or 8
 
 
 def test_include_exclude_globs_and_unmatched_patterns():
     space = build_space(DigitsCNN(width=32).eval(), X, SpaceConfig(include=["features.*"], exclude=["*conv5*"]))
-    assert set(space.prune) == {f"features.conv{i}.conv" for i in range(1, 5)}
-    assert "fc1" not in space.bits and "features.conv5.conv" not in space.bits
+    assert set(space.get("prune")) == {f"features.conv{i}.conv" for i in range(1, 5)}
+    assert "fc1" not in space.get("bits") and "features.conv5.conv" not in space.get("bits")
     with pytest.raises(AutocompressError, match="pattern 'head.*' matches no layer"):
         build_space(DigitsCNN(width=32).eval(), X, SpaceConfig(include=["head.*"]))
 
@@ -40,9 +40,9 @@ def test_lowrank_choices_lower_macs_and_candidates_round_trip():
     config = SpaceConfig(lowrank={"enabled": True, "fractions": [1.0, 0.5, 0.25]})
     model = DigitsCNN(width=32).eval()
     space = build_space(model, X, config)
-    assert space.rank and all(1.0 in v and min(v) < 1 for v in space.rank.values())
+    assert space.get("rank") and all(1.0 in v and min(v) < 1 for v in space.get("rank").values())
     modules, shapes = dict(model.named_modules()), layer_input_shapes(model, X)
-    for name, fractions in space.rank.items():
+    for name, fractions in space.get("rank").items():
         layer, shape = modules[name], shapes[name]
         for f in fractions:
             if f < 1:
@@ -65,8 +65,7 @@ def test_pipeline_prunes_then_factorizes_then_quantizes_the_factors():
         prune={"features.conv4.conv": 0.5},
         bits={"fc1": 4, "features.conv5.conv": 8},
         rank={"fc1": 0.25, "features.conv5.conv": 0.5},
-        kd_temperature=2.0,
-        kd_alpha=0.5,
+        kd={"temperature": 2.0, "alpha": 0.5},
     )
     result = apply(teacher, candidate, lambda: task.loader("train", 64, shuffle=True), x,
                    PipelineSettings(finetune_epochs=1))

@@ -1,8 +1,9 @@
-"""Apply a :class:`~autocompress.spaces.Candidate` to a teacher: the one place the order lives.
+"""Apply a :class:`~autocompress.spaces.Candidate` to a teacher: the registered techniques in stage order.
 
-Order: copy teacher -> prune (dependency graph, channels removed) -> low-rank factorization of
-the pruned layers -> attach weight fake-quant (a factorized layer's bit-width applies to each of
-its factors) -> distillation fine-tune (trains through the quantizer) -> bake quantized weights. The result
+Order (:class:`~autocompress.techniques.Stage`): copy teacher -> structure (pruning: channels
+removed) -> factorization of the pruned layers -> weight parametrizations (sparsity masks,
+fake-quant; a factorized layer's values apply to each of its factors) -> distillation fine-tune
+(trains through them, with the distillation technique's settings) -> bake the weights. The result
 is an ordinary ``nn.Module``; the same candidate, teacher, data and seed give the same model.
 """
 
@@ -12,35 +13,39 @@ import copy
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from autocompress.compress.distill import FitResult, fit
-from autocompress.compress.lowrank import Factorized, factorize
-from autocompress.compress.prune import prune
-from autocompress.compress.quantize import attach_weight_quant, bake_weights
+from autocompress.compress.quantize import bake_weights
 from autocompress.spaces.candidate import Candidate
+from autocompress.techniques import BuildContext, Section, by_stage, expand_to_layers, get, techniques
 
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    """Experiment-wide settings of the transforms (not searched)."""
+    """Experiment-wide settings of the build (not searched): the fine-tune and each technique's section."""
 
     finetune_epochs: int = 3
     finetune_lr: float = 0.02
     batch_size: int = 64
-    round_to: int = 8
-    importance: str = "l1"
-    calibration_batches: int = 4  # training batches for gradient-based (taylor) importance
     feature_layers: tuple[str, ...] = ()  # intermediate-feature distillation, off when empty
     feature_weight: float = 0.0
     seed: int = 0
+    sections: dict[str, Section] | None = None  # technique name -> its config section; defaults if absent
+
+    def section(self, technique: str) -> Section:
+        """The config section of ``technique`` (its defaults when not given)."""
+        if self.sections and technique in self.sections:
+            return self.sections[technique]
+        return get(technique).config_model()
 
 
 @dataclass
 class Compressed:
-    """The compressed model, the bit-width of each of its layers, and its fine-tune history."""
+    """The compressed model, the deployment plan (bit-width of each of its layers), and its fine-tune history."""
 
     model: nn.Module
     bits: dict[str, int]
@@ -49,15 +54,15 @@ class Compressed:
 
 def layer_bits(model: nn.Module, bits: dict[str, int]) -> dict[str, int]:
     """``bits`` keyed by the model's actual layers: a factorized layer's entry covers its factors."""
-    modules = dict(model.named_modules())
-    result = {}
-    for name, b in bits.items():
-        module = modules.get(name)
-        if isinstance(module, Factorized):
-            result.update({f"{name}.{child}": b for child, _ in module.named_children()})
-        else:
-            result[name] = b
-    return result
+    return expand_to_layers(model, bits)
+
+
+def deployment_plan(model: nn.Module, candidate: Candidate) -> dict[str, int]:
+    """Per-layer weight bit-widths of ``model`` built from ``candidate``, from every technique's plan."""
+    plan: dict[str, int] = {}
+    for technique in techniques():
+        plan.update(technique.plan(model, candidate.get(technique.name)))
+    return plan
 
 
 def prepare_student(
@@ -67,31 +72,34 @@ def prepare_student(
     settings: PipelineSettings,
     calibration_factory: Callable[[], object] | None = None,
 ) -> Compressed:
-    """The candidate's architecture before fine-tuning: pruned, factorized, weight quantizers attached.
+    """The candidate's architecture before fine-tuning: every technique applied but the fine-tune's.
 
     Its latency and size are already final (fine-tuning changes weights, not shapes), which lets a
     search measure them before spending the fine-tune. ``calibration_factory()`` supplies the
-    batches gradient-based (taylor) pruning needs.
+    training batches a technique may ask for (gradient-based pruning importance).
     """
     torch.manual_seed(settings.seed)
     student = copy.deepcopy(teacher).eval()
-    calibration = None
-    if settings.importance == "taylor":
+
+    def calibration(n: int) -> list:
         if calibration_factory is None:
-            raise ValueError("taylor importance needs calibration batches")
-        calibration = list(itertools.islice(iter(calibration_factory()), settings.calibration_batches))
-    prune(
-        student,
-        candidate.prune,
-        example_input,
-        round_to=settings.round_to,
-        importance=settings.importance,
-        calibration=calibration,
-    )
-    factorize(student, {k: f for k, f in candidate.rank.items() if f < 1}, example_input)
-    bits = layer_bits(student, candidate.bits)
-    attach_weight_quant(student, bits)
-    return Compressed(model=student, bits=bits, fit=FitResult())
+            raise ValueError("this candidate needs calibration batches (e.g. taylor importance)")
+        return list(itertools.islice(iter(calibration_factory()), n))
+
+    ctx = BuildContext(example_input=example_input, calibration=calibration)
+    for technique in by_stage():
+        values = candidate.get(technique.name)
+        if technique.name in candidate.values:
+            technique.apply(student, values, settings.section(technique.name), ctx)
+    return Compressed(model=student, bits=deployment_plan(student, candidate), fit=FitResult())
+
+
+def fit_options(candidate: Candidate) -> dict[str, Any]:
+    """The fine-tune's keyword arguments the candidate's techniques set (KD temperature and weight)."""
+    options: dict[str, Any] = {}
+    for technique in techniques():
+        options.update(technique.fit_options(candidate.get(technique.name)))
+    return options
 
 
 def finetune_student(
@@ -104,7 +112,7 @@ def finetune_student(
     evaluate: Callable[[nn.Module], float] | None = None,
     on_epoch: Callable[[int, float | None], None] | None = None,
 ) -> Compressed:
-    """Distillation fine-tune of a prepared student (through its quantizers), then bake the weights.
+    """Distillation fine-tune of a prepared student (through its parametrizations), then bake the weights.
 
     Seeds torch first: the data order and any adapter initialisation then depend on the seed alone,
     not on what ran between :func:`prepare_student` and here (a search measures the student's cost
@@ -117,12 +125,11 @@ def finetune_student(
         epochs=settings.finetune_epochs,
         lr=settings.finetune_lr,
         teacher=teacher,
-        temperature=candidate.kd_temperature,
-        alpha=candidate.kd_alpha,
         feature_layers=settings.feature_layers,
         feature_weight=settings.feature_weight,
         evaluate=evaluate,
         on_epoch=on_epoch,
+        **fit_options(candidate),
     )
     bake_weights(student.model)
     return Compressed(model=student.model.eval(), bits=student.bits, fit=history)

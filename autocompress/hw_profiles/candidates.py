@@ -12,8 +12,9 @@ checks the shortcut against the real pruner on one candidate with every group pr
 if any shape differs. The slices keep the *first* channels, not the least important ones: that
 changes values, which latency does not see.
 
-Only the latency-relevant parameters are enumerated: prune ratios, rank fractions and (for a
-runtime with int8 kernels) whether a layer is 8-bit; distillation settings never change a shape.
+Only the latency-relevant parameters are enumerated, as each registered technique says
+(:meth:`~autocompress.techniques.Technique.latency_choices`): prune ratios, rank fractions and (for
+a runtime with int8 kernels) whether a layer is 8-bit; distillation and sparsity never change latency.
 """
 
 from __future__ import annotations
@@ -27,15 +28,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from autocompress.compress.lowrank import factorize
-from autocompress.compress.pipeline import layer_bits
+from autocompress.compress.pipeline import deployment_plan
 from autocompress.compress.prune import find_prune_groups, kept_channels, prune
 from autocompress.errors import AutocompressError
 from autocompress.spaces.candidate import Candidate
 from autocompress.spaces.space import SearchSpace
+from autocompress.techniques import BuildContext, by_stage, split_param, techniques
 
 INT8 = 8
 FP32 = 32
+PRUNE = "prune"  # the technique whose shapes this builder slices instead of running the pruner
+
+
+def _furthest_from_neutral(param: str, values: tuple) -> object:
+    """The most compressed of a parameter's choices: the one furthest from its technique's neutral value."""
+    neutral = split_param(param)[0].neutral
+    return max(values, key=lambda v: abs(v - neutral))
+
+
+def _no_calibration(n: int) -> list:
+    raise AutocompressError("profiling: building shapes needs no training batches")
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,11 @@ class CandidateBuilder:
     dims: dict[tuple[str, str], dict[int, _Dim]] = field(default_factory=dict)
     _meta: nn.Module | None = field(default=None, repr=False)
 
+    @property
+    def round_to(self) -> int:
+        """The channel-count multiple of the space's pruning settings."""
+        return self.space.section(PRUNE).round_to
+
     @classmethod
     def learn(cls, model: nn.Module, example_input: torch.Tensor, space: SearchSpace) -> CandidateBuilder:
         """Probe the pruner once per group of ``space`` and check the result (see the module docstring)."""
@@ -98,11 +115,12 @@ class CandidateBuilder:
         builder = cls(model, example_input, space)
         groups = {g.name: g.channels for g in find_prune_groups(model, example_input)}
         base = _shapes(model)
-        for group, ratios in space.prune.items():
+        round_to = builder.round_to
+        for group, ratios in space.get(PRUNE).items():
             ratio = max(ratios)
             builder.channels[group] = groups[group]
-            probe = prune(copy.deepcopy(model), {group: ratio}, example_input, round_to=space.round_to)
-            kept = kept_channels(groups[group], ratio, space.round_to)
+            probe = prune(copy.deepcopy(model), {group: ratio}, example_input, round_to=round_to)
+            kept = kept_channels(groups[group], ratio, round_to)
             removed = groups[group] - kept
             for key, shape in _shapes(probe).items():
                 for dim, (before, after) in enumerate(zip(base[key], shape, strict=True)):
@@ -124,10 +142,10 @@ class CandidateBuilder:
         return builder
 
     def _check_against_pruner(self) -> None:
-        if not self.space.prune:
+        if not self.space.get(PRUNE):
             return
-        ratios = {g: max(r) for g, r in self.space.prune.items()}
-        real = prune(copy.deepcopy(self.model), ratios, self.example_input, round_to=self.space.round_to)
+        ratios = {g: max(r) for g, r in self.space.get(PRUNE).items()}
+        real = prune(copy.deepcopy(self.model), ratios, self.example_input, round_to=self.round_to)
         fast = self._pruned(ratios)
         expected, got = _shapes(real), _shapes(fast)
         for key in expected:
@@ -148,7 +166,7 @@ class CandidateBuilder:
                 original = getattr(modules[name], tname)
                 tensor = original
                 for dim, info in dims.items():
-                    size = kept_channels(self.channels[info.group], ratios.get(info.group, 0.0), self.space.round_to)
+                    size = kept_channels(self.channels[info.group], ratios.get(info.group, 0.0), self.round_to)
                     tensor = tensor.narrow(dim, 0, size * info.multiple)
                 tensor = tensor.clone()
                 memo[id(original)] = nn.Parameter(tensor) if isinstance(original, nn.Parameter) else tensor
@@ -170,11 +188,13 @@ class CandidateBuilder:
         Its parameters are ordinary tensors even when called in inference mode: a model built with
         inference-mode parameters runs a few percent faster than any loaded, deployed model.
         """
-        model = self._pruned(candidate.prune)
-        fractions = {k: f for k, f in candidate.rank.items() if f < 1}
-        if fractions:
-            factorize(model, fractions, self.example_input)
-        return model.eval(), layer_bits(model, candidate.bits)
+        model = self._pruned(candidate.get(PRUNE))
+        ctx = BuildContext(example_input=self.example_input, calibration=_no_calibration)
+        for technique in by_stage():
+            # Pruning is done above by slicing; the other shape-changing techniques run for real.
+            if technique.changes_architecture and technique.name != PRUNE and technique.name in candidate.values:
+                technique.apply(model, candidate.get(technique.name), self.space.section(technique.name), ctx)
+        return model.eval(), deployment_plan(model, candidate)
 
     def shape_model(self, candidate: Candidate) -> nn.Module:
         """The candidate's model with the right shapes for signature extraction, as cheaply as possible.
@@ -182,25 +202,28 @@ class CandidateBuilder:
         Without factorization it lives on the ``meta`` device (no weight data at all); factorization
         needs real weights (an SVD), so then it is :meth:`build`'s model.
         """
-        if any(f < 1 for f in candidate.rank.values()):
+        others = [t for t in techniques() if t.changes_architecture and t.name != PRUNE]
+        if any(candidate.get(t.name) != t.baseline(candidate.get(t.name)) for t in others):
             return self.build(candidate)[0]
-        return self._pruned(candidate.prune, meta=True).eval()
+        return self._pruned(candidate.get(PRUNE), meta=True).eval()
 
     def latency_choices(self, int8_kernels: bool) -> dict[str, tuple]:
         """The parameters that can change latency, with their distinct-for-latency choices."""
-        choices: dict[str, tuple] = {f"prune/{k}": v for k, v in self.space.prune.items()}
-        choices.update({f"rank/{k}": v for k, v in self.space.rank.items()})
-        if int8_kernels:
-            for layer, bits in self.space.bits.items():
-                # Only 8 bits has kernels; every other width runs fp32 kernels, so 32 stands for all of them.
-                choices[f"bits/{layer}"] = tuple(dict.fromkeys(INT8 if b == INT8 else FP32 for b in bits))
+        kernel_bits = (INT8, FP32) if int8_kernels else (FP32,)
+        choices: dict[str, tuple] = {}
+        for technique in techniques():
+            for key, values in self.space.get(technique.name).items():
+                distinct = technique.latency_choices(values, kernel_bits)
+                if distinct is not None:
+                    choices[f"{technique.name}/{key}"] = distinct
         return choices
 
     def candidate(self, values: dict[str, object]) -> Candidate:
-        """A Candidate from latency-parameter values; unset layers stay uncompressed, KD is irrelevant."""
-        params: dict[str, object] = {f"prune/{k}": 0.0 for k in self.space.prune}
-        params.update({f"bits/{k}": 32 for k in self.space.bits})
-        params.update({f"rank/{k}": 1.0 for k in self.space.rank})
+        """A Candidate from latency-parameter values; other keys stay uncompressed, KD is irrelevant."""
+        params: dict[str, object] = {}
+        for technique in techniques():
+            if technique.neutral is not None:
+                params.update({f"{technique.name}/{k}": technique.neutral for k in self.space.get(technique.name)})
         params.update(values)
         return Candidate.from_params(params)
 
@@ -221,7 +244,7 @@ class CandidateBuilder:
         for values in choices.values():
             total *= len(values)
         yield self.candidate({})
-        extreme = {n: (min(v) if n.startswith(("rank/", "bits/")) else max(v)) for n, v in choices.items()}
+        extreme = {n: _furthest_from_neutral(n, v) for n, v in choices.items()}
         yield self.candidate(extreme)
         if total <= size:
             for combo in itertools.product(*choices.values()):

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autocompress.compress.pipeline import layer_bits
+from autocompress.compress.pipeline import deployment_plan
 from autocompress.errors import AutocompressError
 from autocompress.evaluators.latency import END_TO_END_PASSES, LUT_PASSES, Latency, pinned_cpu, time_in_passes
 from autocompress.hw_profiles import eager, onnx_graph, ort_map
@@ -238,7 +238,7 @@ def cover_candidates(target: Target, settings: MeasureSettings) -> list[Candidat
     coverage = []
     for candidate in target.builder.pool(True, settings.pool, settings.seed):
         model = target.builder.shape_model(candidate)
-        coverage.append((candidate, set(ort_map.unit_proxies(model, shape, layer_bits(model, candidate.bits)))))
+        coverage.append((candidate, set(ort_map.unit_proxies(model, shape, deployment_plan(model, candidate)))))
     chosen, covered = [], set()
     while True:
         best, gain = None, 0

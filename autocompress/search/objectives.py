@@ -26,6 +26,7 @@ from autocompress.hw_profiles.predictor import ProfileMismatchWarning, predict
 from autocompress.hw_profiles.profile import Profile, load_profile, resolve_profile_path
 from autocompress.spaces.candidate import Candidate
 from autocompress.tasks import Task
+from autocompress.techniques import techniques
 
 HOST = "host"  # the latency profile "measured on this machine"
 
@@ -51,12 +52,10 @@ def make_context(exp: Experiment, teacher: nn.Module, task: Task) -> TrialContex
         finetune_epochs=exp.finetune.epochs,
         finetune_lr=exp.finetune.lr,
         batch_size=exp.finetune.batch_size,
-        round_to=exp.space.prune.round_to,
-        importance=exp.space.prune.importance,
-        calibration_batches=exp.space.prune.calibration_batches,
         feature_layers=tuple(exp.finetune.feature_layers),
         feature_weight=exp.finetune.feature_weight,
         seed=exp.seed,
+        sections={t.name: getattr(exp.space, t.config_key) for t in techniques()},
     )
     return TrialContext(
         teacher=teacher,

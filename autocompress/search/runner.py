@@ -289,7 +289,7 @@ def prepare_search(
     log(f"task {task.name}: {len(task.train)} train / {len(task.val)} val / {len(task.test)} test samples")
     teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, retrain=retrain, log=log)
     space = build_space(teacher.model, task.example_input(1), exp.space)
-    log(f"space: {len(space.prune)} prune groups, {len(space.bits)} quantizable layers, {space.size():.3g} candidates")
+    log(f"space: {space.describe()}")
     ctx = make_context(exp, teacher.model, task)
     for name, profile in ctx.profiles:
         with warnings.catch_warnings():

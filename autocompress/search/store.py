@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from autocompress.errors import AutocompressError
 from autocompress.search.report import Row, TrialRecord, compute_fronts
 from autocompress.search.tracking import PARENT_TAG
-from autocompress.spaces.candidate import BITS, KD_ALPHA, KD_TEMPERATURE, PRUNE, RANK
+from autocompress.techniques import ParameterError, parse_params
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -84,19 +84,14 @@ def open_client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-def candidate_params(params: dict[str, str]) -> dict[str, Any]:
-    """A run's candidate parameters (``prune/...``, ``bits/...``, ``rank/...``, ``kd/...``) with their
-    search types restored (MLflow stores strings): bit-widths as int, ratios and KD settings as float."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        try:
-            if key.startswith(BITS):
-                out[key] = int(float(value))
-            elif key.startswith((PRUNE, RANK)) or key in (KD_TEMPERATURE, KD_ALPHA):
-                out[key] = float(value)
-        except ValueError:
-            raise AutocompressError(f"MLflow param {key}={value!r} is not a number") from None
-    return out
+def candidate_params(params: dict[str, str], run_id: str = "") -> dict[str, Any]:
+    """A trial run's candidate parameters with their search types restored (MLflow stores strings),
+    through the technique registry: a parameter no technique claims, or of the wrong type, raises
+    :class:`AutocompressError` naming it and the run (rebuilding without it would give another model)."""
+    try:
+        return parse_params(params)
+    except ParameterError as err:
+        raise AutocompressError(f"MLflow run {run_id}: {err}" if run_id else str(err)) from None
 
 
 def trial_records_from_runs(runs: Sequence[Run]) -> list[TrialRecord]:
@@ -117,7 +112,11 @@ def trial_records_from_runs(runs: Sequence[Run]) -> list[TrialRecord]:
         }
         if not set(_RECORD_METRICS) <= metrics.keys():
             continue  # marked complete but its figures never arrived (a crash between the two writes)
-        records.append(TrialRecord(int(tags[TRIAL_TAG]), candidate_params(run.data.params), metrics, run.info.run_id))
+        records.append(
+            TrialRecord(
+                int(tags[TRIAL_TAG]), candidate_params(run.data.params, run.info.run_id), metrics, run.info.run_id
+            )
+        )
     return sorted(records, key=lambda r: r.number)
 
 

@@ -1,7 +1,8 @@
 """The per-layer search space of an experiment: discovered from the model, sampled by trials.
 
-Sampling is define-by-run (``space.suggest(trial)``), so the same space serves Optuna studies
-and any searcher that speaks Optuna's trial API.
+Each registered technique (:mod:`autocompress.techniques`) discovers its keys and choices on the
+model. Sampling is define-by-run (``space.suggest(trial)``), so the same space serves Optuna
+studies and any searcher that speaks Optuna's trial API.
 """
 
 from __future__ import annotations
@@ -14,35 +15,37 @@ import torch
 from optuna.distributions import CategoricalDistribution
 from torch import nn
 
-from autocompress.compress.lowrank import factorizable_layers, layer_input_shapes, useful_rank_fractions
-from autocompress.compress.prune import find_prune_groups, useful_ratios
-from autocompress.config import SpaceConfig
 from autocompress.errors import AutocompressError
-from autocompress.spaces.candidate import BITS, KD_ALPHA, KD_TEMPERATURE, PRUNE, RANK, Candidate
-
-QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+from autocompress.spaces.candidate import Candidate
+from autocompress.techniques import Discovery, Section, Stage, get, techniques
+from autocompress.techniques.base import QUANTIZABLE, SEPARATOR
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Choices per prune group, per quantizable layer, per factorizable layer, and for distillation."""
+    """Choices per technique and key (``{"prune": {group: ratios}, "bits": {layer: widths}, ...}``),
+    and each technique's config section (its experiment-wide settings such as ``round_to``)."""
 
-    prune: dict[str, tuple[float, ...]]
-    bits: dict[str, tuple[int, ...]]
-    kd_temperature: tuple[float, ...]
-    kd_alpha: tuple[float, ...]
-    round_to: int = 8
-    importance: str = "l1"
-    rank: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    choices: dict[str, dict[str, tuple]]
+    sections: dict[str, Section] = field(default_factory=dict)
+
+    def get(self, technique: str) -> dict[str, tuple]:
+        """The choices of one technique (empty when it is not searched)."""
+        return self.choices.get(technique, {})
+
+    def section(self, technique: str) -> Section:
+        """A technique's config section (its defaults when the space was built without one)."""
+        if technique in self.sections:
+            return self.sections[technique]
+        return get(technique).config_model()
 
     def distributions(self) -> dict[str, CategoricalDistribution]:
-        """Every parameter with its choices, keyed by the names :class:`Candidate` uses."""
-        dists = {f"{PRUNE}{k}": CategoricalDistribution(v) for k, v in self.prune.items()}
-        dists.update({f"{BITS}{k}": CategoricalDistribution(v) for k, v in self.bits.items()})
-        dists.update({f"{RANK}{k}": CategoricalDistribution(v) for k, v in self.rank.items()})
-        dists[KD_TEMPERATURE] = CategoricalDistribution(self.kd_temperature)
-        dists[KD_ALPHA] = CategoricalDistribution(self.kd_alpha)
-        return dists
+        """Every parameter with its choices, keyed by the flat names :class:`Candidate` uses."""
+        return {
+            f"{t.name}{SEPARATOR}{key}": CategoricalDistribution(values)
+            for t in techniques()
+            for key, values in self.choices.get(t.name, {}).items()
+        }
 
     def suggest(self, trial: Any) -> Candidate:
         """Sample a candidate from an Optuna-style trial (``suggest_categorical``)."""
@@ -52,14 +55,8 @@ class SearchSpace:
         return Candidate.from_params(params)
 
     def baseline(self) -> Candidate:
-        """The uncompressed point: no pruning, fp32 everywhere, no distillation."""
-        return Candidate(
-            prune={k: 0.0 for k in self.prune},
-            bits={k: 32 for k in self.bits},
-            rank={k: 1.0 for k in self.rank},
-            kd_temperature=self.kd_temperature[0],
-            kd_alpha=0.0,
-        )
+        """The uncompressed point: every technique at its neutral value, no distillation."""
+        return Candidate({t.name: t.baseline(self.choices[t.name]) for t in techniques() if t.name in self.choices})
 
     def size(self) -> int:
         """Number of distinct candidates."""
@@ -69,30 +66,29 @@ class SearchSpace:
         return n
 
     def summary(self) -> dict[str, Any]:
-        """A JSON-able description (logged with the experiment)."""
-        return {
-            "prune_groups": {k: list(v) for k, v in self.prune.items()},
-            "bits": {k: list(v) for k, v in self.bits.items()},
-            "rank": {k: list(v) for k, v in self.rank.items()},
-            "kd_temperature": list(self.kd_temperature),
-            "kd_alpha": list(self.kd_alpha),
-            "round_to": self.round_to,
-            "importance": self.importance,
-            "candidates": self.size(),
-        }
+        """A JSON-able description (logged with the experiment, part of a study's fingerprint)."""
+        out: dict[str, Any] = {}
+        for t in techniques():
+            if t.name in self.choices:
+                out[t.name] = {k: list(v) for k, v in self.choices[t.name].items()}
+                settings = t.summary(self.section(t.name))
+                if settings:
+                    out[f"{t.name}.settings"] = settings
+        out["candidates"] = self.size()
+        return out
+
+    def describe(self) -> str:
+        """One line: how many keys each technique searches, and the number of candidates."""
+        counts = ", ".join(f"{len(v)} {name}" for name, v in self.choices.items())
+        return f"{counts}; {self.size():.3g} candidates"
 
 
-def _selected(name: str, include: list[str], exclude: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+def build_space(model: nn.Module, example_input: torch.Tensor, config: Any) -> SearchSpace:
+    """Ask every enabled technique of ``config`` (a ``SpaceConfig``) for its choices on ``model``.
 
-
-def build_space(model: nn.Module, example_input: torch.Tensor, config: SpaceConfig) -> SearchSpace:
-    """Discover the model's prunable groups and quantizable layers and attach the choices.
-
-    A group is searched when its root layer matches ``include`` and not ``exclude``; ratios that
-    would round to the same channel count (or to zero channels), and rank fractions that would not
-    lower a layer's MACs, are dropped, so every offered choice builds a different model.
-    Patterns that match no layer are an error.
+    A layer (or prune group) is searched when it matches ``include`` and not ``exclude``; each
+    technique offers only choices that build a different model. Patterns that match no layer
+    are an error, and so is a space where nothing would be compressed.
     """
     layer_names = [name for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
     for pattern in [*config.include, *config.exclude]:
@@ -100,36 +96,16 @@ def build_space(model: nn.Module, example_input: torch.Tensor, config: SpaceConf
             raise AutocompressError(
                 f"space: layer pattern {pattern!r} matches no layer (layers: {', '.join(layer_names)})"
             )
-    prune: dict[str, tuple[float, ...]] = {}
-    if config.prune.enabled:
-        for group in find_prune_groups(model, example_input):
-            if not _selected(group.name, config.include, config.exclude):
-                continue
-            choices = useful_ratios(group.channels, config.prune.ratios, config.prune.round_to)
-            if any(r > 0 for r in choices):
-                prune[group.name] = tuple(choices)
-    bits: dict[str, tuple[int, ...]] = {}
-    if config.quantize.enabled and config.quantize.bits != [32]:
-        bits = {
-            name: tuple(config.quantize.bits) for name in layer_names if _selected(name, config.include, config.exclude)
-        }
-    rank: dict[str, tuple[float, ...]] = {}
-    if config.lowrank.enabled:
-        modules = dict(model.named_modules())
-        shapes = layer_input_shapes(model, example_input)
-        for name in factorizable_layers(model):
-            if _selected(name, config.include, config.exclude):
-                choices = useful_rank_fractions(modules[name], config.lowrank.fractions, shapes.get(name))
-                if any(f < 1 for f in choices):
-                    rank[name] = tuple(choices)
-    if not prune and not bits and not rank:
+    found = Discovery(model, example_input, tuple(config.include), tuple(config.exclude))
+    choices: dict[str, dict[str, tuple]] = {}
+    sections: dict[str, Section] = {}
+    for technique in techniques():
+        section = getattr(config, technique.config_key)
+        sections[technique.name] = section
+        if technique.enabled(section):
+            discovered = technique.discover(section, found)
+            if discovered:
+                choices[technique.name] = discovered
+    if not any(get(name).stage < Stage.FINETUNE for name in choices):
         raise AutocompressError("space: nothing to search (no prunable group, quantizable or factorizable layer)")
-    return SearchSpace(
-        prune=prune,
-        bits=bits,
-        kd_temperature=tuple(config.distill.temperature),
-        kd_alpha=tuple(config.distill.alpha),
-        round_to=config.prune.round_to,
-        importance=config.prune.importance,
-        rank=rank,
-    )
+    return SearchSpace(choices=choices, sections=sections)
