@@ -2,6 +2,14 @@
 
 from autocompress.evaluators.accuracy import evaluate, top1_accuracy
 from autocompress.evaluators.latency import Latency, measure_latency
-from autocompress.evaluators.size import count_parameters, model_size_bytes
+from autocompress.evaluators.size import compressed_size_bytes, count_parameters, model_size_bytes
 
-__all__ = ["Latency", "count_parameters", "evaluate", "measure_latency", "model_size_bytes", "top1_accuracy"]
+__all__ = [
+    "Latency",
+    "compressed_size_bytes",
+    "count_parameters",
+    "evaluate",
+    "measure_latency",
+    "model_size_bytes",
+    "top1_accuracy",
+]

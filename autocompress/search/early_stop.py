@@ -65,6 +65,8 @@ class HopelessRule:
                 f"(best case {optimistic:.4f})"
             )
         cost_keys = {"latency": f"latency_ms.{self.profile}", "size": "size_bytes"}
+        if any(o != "accuracy" and o not in cost_keys for o in self.objectives):
+            return None  # a cost known only after the fine-tune (the compressed file) cannot be compared yet
         keys = [cost_keys[o] for o in self.objectives if o in cost_keys]
         for other in self.finished:
             if other.final > optimistic and all(other.costs[k] <= costs[k] for k in keys):
