@@ -23,8 +23,15 @@ from autocompress.techniques.distill import Distillation
 from autocompress.techniques.lowrank import LowRank
 from autocompress.techniques.prune import StructuredPruning
 from autocompress.techniques.quantize import WeightQuantization
+from autocompress.techniques.sparsity import MagnitudeSparsity
 
-BUILTIN: tuple[Technique, ...] = (StructuredPruning(), WeightQuantization(), LowRank(), Distillation())
+BUILTIN: tuple[Technique, ...] = (
+    StructuredPruning(),
+    WeightQuantization(),
+    LowRank(),
+    MagnitudeSparsity(),
+    Distillation(),
+)
 """Registration order is the order of a candidate's parameters (and so of a sampler's draws)."""
 for _technique in BUILTIN:
     register(_technique)
