@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from autocompress.errors import ConfigError
+from autocompress.runtimes import canonical_name
 from autocompress.techniques.base import Section, Stage
 
 OBJECTIVES = ("accuracy", "latency", "size")
@@ -96,12 +97,13 @@ class FinetuneConfig(_Section):
 class LatencyConfig(_Section):
     """Where and how candidates are measured on this host: runtime, threads, warm-up, repeats.
 
-    ``onnxruntime``: each candidate is exported to ONNX, its 8-bit layers really quantized (int8
-    kernels), and accuracy *and* latency are measured on that deployed model. ``torch``: the
+    ``runtime`` is a registered runtime (:mod:`autocompress.runtimes`); accuracy *and* latency are
+    measured on what it deploys. ``onnxruntime``: each candidate is exported to ONNX, its 8-bit layers
+    really quantized (int8 kernels). ``torch-eager`` (formerly ``torch``, still accepted): the
     compressed model runs in eager fp32 (bit-widths then only round weights and count to size).
     """
 
-    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    runtime: str = Field(default="onnxruntime", description="a registered runtime; aliases become its name")
     measure_host: bool = Field(
         default=True, description="measure every candidate here (profile 'host'); false: hardware profiles only"
     )
@@ -109,6 +111,12 @@ class LatencyConfig(_Section):
     batch_size: int = Field(default=1, ge=1)
     warmup: int = Field(default=10, ge=0)
     repeats: int = Field(default=50, ge=3)
+
+    @field_validator("runtime")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        # Normalised here so the rest of autocompress compares and logs one name per runtime.
+        return canonical_name(value)
 
 
 class ConstraintsConfig(_Section):

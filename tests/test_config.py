@@ -11,6 +11,7 @@ import yaml
 from autocompress.cli import main
 from autocompress.config import Experiment, apply_overrides, load_experiment, parse_override
 from autocompress.errors import ConfigError
+from autocompress.runtimes import runtime_names
 from tests.conftest import ROOT
 
 EXAMPLES = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -54,6 +55,11 @@ MALFORMED = [
         "enable at least one",
     ),
     ("threads zero", {"latency": {"threads": 0}}, "latency.threads"),
+    (
+        "unknown runtime",
+        {"latency": {"runtime": "tflite"}},
+        "unknown runtime 'tflite': use one of torch-eager, onnxruntime",
+    ),
 ]
 
 
@@ -129,3 +135,20 @@ def test_defaults_are_sensible(tmp_path):
     assert exp.latency.threads == 1
     assert exp.storage_url.startswith("sqlite:///") and exp.storage_url.endswith("runs/ok/study.db")
     assert exp.tracking_uri.endswith("runs/mlflow.db")
+
+
+def test_latency_runtime_choices_are_the_registered_runtimes(tmp_path):
+    assert load_experiment(_write(tmp_path, BASE)).latency.runtime == "onnxruntime"
+    for name in runtime_names():
+        assert load_experiment(_write(tmp_path, {**BASE, "latency": {"runtime": name}})).latency.runtime == name
+    with pytest.raises(ConfigError) as info:
+        load_experiment(_write(tmp_path, {**BASE, "latency": {"runtime": "nope"}}))
+    assert str(info.value).endswith(f"use one of {', '.join(runtime_names())}")
+
+
+def test_old_runtime_spelling_torch_is_read_as_torch_eager(tmp_path):
+    # Experiment files in the wild say "torch"; everything past validation sees the one name.
+    exp = load_experiment(_write(tmp_path, {**BASE, "latency": {"runtime": "torch"}}))
+    assert exp.latency.runtime == "torch-eager"
+    assert exp.model_dump(mode="json")["latency"]["runtime"] == "torch-eager"
+    assert load_experiment(_write(tmp_path, BASE), {"latency.runtime": "torch"}).latency.runtime == "torch-eager"

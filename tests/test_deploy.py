@@ -26,6 +26,7 @@ from autocompress.compress.distill import fit
 from autocompress.compress.quantize import attach_activation_quant, attach_weight_quant
 from autocompress.evaluators.accuracy import evaluate, predict
 from autocompress.evaluators.latency import measure_latency, torch_threads
+from autocompress.runtimes.regions import quantized_regions
 from autocompress.tasks import load_task
 
 CONVS = [f"features.conv{i}.conv" for i in range(1, 6)]
@@ -315,3 +316,38 @@ def test_reduced_int8_weight_range_is_deployed_and_simulated(trained, task, cali
     finally:
         monkeypatch.delenv(quantize.REDUCE_RANGE_ENV)
         quantize.int8_weight_qmax.cache_clear()
+
+
+def test_int8_region_rule_on_a_small_graph():
+    # conv1 -> pool -> conv2 -> relu -> flatten -> fc: two regions, {pool} and {relu, flatten}.
+    layers = ["conv1", None, "conv2", None, None, "fc"]
+    chain = [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert quantized_regions(layers, chain, set()) == set()
+    assert quantized_regions(layers, chain, {"conv1"}) == {1}
+    assert quantized_regions(layers, chain, {"fc"}) == {3, 4}
+    assert quantized_regions(layers, chain, {"conv2"}) == {1, 3, 4}  # it borders both
+    assert quantized_regions(layers, [(b, a) for a, b in chain], {"fc"}) == {3, 4}  # direction does not matter
+    # Two residual adds joined by an identity shortcut are one region: an int8 layer after the
+    # second add quantizes the first too, though the first borders only fp32 layers of its own.
+    layers = ["conv1", None, "conv2", None, "conv3"]
+    edges = [(0, 1), (1, 2), (2, 3), (1, 3), (3, 4)]
+    assert quantized_regions(layers, edges, {"conv3"}) == {1, 3}
+    assert quantized_regions(layers, [e for e in edges if e != (1, 3)], {"conv3"}) == {3}
+
+
+def test_deployment_and_profiles_ask_the_same_region_rule(monkeypatch, trained, task, calibration, tmp_path):
+    from autocompress.compress import deploy as deploy_mod
+    from autocompress.hw_profiles import ort_map
+
+    calls = []
+
+    def spy(layers, edges, int8_layers):
+        calls.append(set(int8_layers))
+        return quantized_regions(layers, edges, int8_layers)
+
+    monkeypatch.setattr(deploy_mod, "quantized_regions", spy)
+    monkeypatch.setattr(ort_map, "quantized_regions", spy)
+    bits = {"features.conv2.conv": 8}
+    deploy(trained, bits, task.example_input(1), calibration, tmp_path)
+    ort_map.unit_proxies(trained, tuple(task.example_input(1).shape), bits)
+    assert calls == [{"features.conv2.conv"}, {"features.conv2.conv"}]

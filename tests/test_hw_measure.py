@@ -24,10 +24,10 @@ from autocompress.hw_profiles.host import cpu_model, runtime_version
 from autocompress.hw_profiles.measure import MeasureSettings, measure_profile
 from autocompress.hw_profiles.onnx_graph import model_units, unit_callable
 from autocompress.hw_profiles.profile import Profile, UnitVariant, parse_profile
-from autocompress.hw_profiles.runtimes import get_runtime
 from autocompress.hw_profiles.target import load_target
 from autocompress.hw_profiles.validate import reference_candidates, validate_profile
 from autocompress.models import resnet18_cifar
+from autocompress.runtimes import get_runtime
 from autocompress.tasks import load_task
 
 TINY = {

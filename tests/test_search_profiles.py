@@ -108,12 +108,12 @@ def test_mlflow_holds_per_profile_metrics_tags_and_the_profile_file(profile_sear
 
 
 def test_profiles_only_search_never_measures_the_host(tmp_path, eager_profile, monkeypatch):
-    from autocompress.search import objectives
+    from autocompress.runtimes import Runtime
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("the host was measured although latency.measure_host is false")
 
-    monkeypatch.setattr(objectives, "measure_latency", no_measuring)
+    monkeypatch.setattr(Runtime, "measure", no_measuring)
     data = tiny_experiment_dict(tmp_path / "tiny", n_trials=2)
     data["profiles"] = [str(eager_profile)]
     data["latency"]["measure_host"] = False

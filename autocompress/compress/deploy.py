@@ -46,6 +46,7 @@ from autocompress.compress.quantize import (
     int8_weight_qmax,
     plain_copy,
 )
+from autocompress.runtimes.regions import quantized_regions
 
 INT8 = 8
 OPSET = 17
@@ -351,34 +352,21 @@ class Deployment:
 
 
 def outside_int8_regions(graph: onnx.GraphProto, int8_modules: set[str]) -> list[str]:
-    """Names of the non-compute nodes (pools, adds, reshapes, ...) with no int8 layer next to them.
+    """Names of the non-compute nodes (pools, adds, reshapes, ...) whose region borders no int8 layer.
 
-    A node's neighbours are the nearest Conv/Gemm/MatMul nodes up and down its data flow (the same
-    for every node of a connected group of such ops, so each group is walked once). ORT's
-    quantizer quantizes such ops wherever the graph has any int8 layer: a global average pool between
-    two fp32 layers of the digits CNN became Quantize -> QLinearGlobalAveragePool -> Dequantize, 22 us
-    slower per call than the fp32 pool (110 vs 88 us for that unit) and a rounding the simulation does
-    not have. Excluding them keeps quantization to the int8 layers and their immediate surroundings.
+    The region rule is :func:`autocompress.runtimes.regions.quantized_regions`, on the graph's nodes
+    (Conv/Gemm/MatMul are the layers, named by their module) and its tensors. ORT's quantizer
+    quantizes such ops wherever the graph has any int8 layer: a global average pool between two
+    fp32 layers of the digits CNN became Quantize -> QLinearGlobalAveragePool -> Dequantize, slower
+    than the fp32 pool and a rounding the simulation does not have. Excluding them keeps
+    quantization to the int8 layers and their immediate surroundings.
     """
-    producer = {out: node for node in graph.node for out in node.output}
-    readers = _readers(graph)
-    # A region: layer-less nodes connected through tensors, bordered by compute nodes. Walked once.
-    region: dict[int, int] = {}  # id(node) -> region number
-    borders: list[set[str]] = []  # per region, the modules of its bordering compute nodes
-    for start in graph.node:
-        if start.op_type in COMPUTE_OP_TYPES or id(start) in region:
-            continue
-        borders.append(set())
-        todo = [start]
-        while todo:
-            node = todo.pop()
-            if node.op_type in COMPUTE_OP_TYPES:
-                borders[-1].add(node_module(node.name))
-            elif id(node) not in region:
-                region[id(node)] = len(borders) - 1
-                todo += [producer[t] for t in node.input if t in producer]
-                todo += [r for t in node.output for r in readers.get(t, [])]
-    return [node.name for node in graph.node if id(node) in region and not borders[region[id(node)]] & int8_modules]
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    layers = [node_module(node.name) if node.op_type in COMPUTE_OP_TYPES else None for node in nodes]
+    edges = [(producer[t], i) for i, node in enumerate(nodes) for t in node.input if t in producer]
+    quantized = quantized_regions(layers, edges, int8_modules)
+    return [node.name for i, node in enumerate(nodes) if layers[i] is None and i not in quantized]
 
 
 def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:

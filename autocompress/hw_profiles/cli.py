@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 from autocompress.errors import AutocompressError
-
-RUNTIME_CHOICES = ("torch-eager", "onnxruntime")
+from autocompress.runtimes import UnknownRuntime, canonical_name, runtime_names
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:
@@ -50,11 +49,13 @@ def _cpu(args: argparse.Namespace) -> int | None:
 def cmd_measure(args: argparse.Namespace) -> int:
     from autocompress.hw_profiles.measure import MeasureSettings, measure_profile
 
-    if args.runtime not in RUNTIME_CHOICES:
-        raise AutocompressError(f"--runtime {args.runtime!r}: unknown runtime; use one of {', '.join(RUNTIME_CHOICES)}")
+    try:
+        runtime = canonical_name(args.runtime)
+    except UnknownRuntime as err:
+        raise AutocompressError(f"--runtime: {err}") from None
     target = _load_target(args)
     settings = MeasureSettings(
-        runtime=args.runtime,
+        runtime=runtime,
         threads=args.threads if args.threads is not None else target.experiment.latency.threads,
         repeats=args.repeats,
         warmup_ms=args.warmup_ms,
@@ -154,6 +155,8 @@ def _pin_args(p: argparse.ArgumentParser) -> None:
 
 def add_profile_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``profile measure|validate|list`` on the main parser's subcommands."""
+    from autocompress.hw_profiles.profile import DEFAULT_RUNTIME
+
     profile = subparsers.add_parser(
         "profile",
         help="measure, validate and list hardware latency profiles",
@@ -174,9 +177,9 @@ def add_profile_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="PATH", help="profile JSON to create or extend")
     p.add_argument(
         "--runtime",
-        default="torch-eager",
+        default=DEFAULT_RUNTIME,
         metavar="RUNTIME",
-        help=f"runtime to measure: {' or '.join(RUNTIME_CHOICES)} (default torch-eager)",
+        help=f"runtime to measure: {' or '.join(runtime_names())} (default {DEFAULT_RUNTIME})",
     )
     p.add_argument(
         "--threads", type=int, metavar="N", help="intra-op threads (default: the experiment's latency.threads)"

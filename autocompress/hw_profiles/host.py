@@ -6,7 +6,7 @@ import os
 import platform
 from pathlib import Path
 
-import torch
+from autocompress.runtimes import get_runtime
 
 
 def cpu_model() -> str:
@@ -19,24 +19,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def describe_host(threads: int) -> dict[str, str]:
-    """CPU, cores, the thread count used for latency, OS and runtime versions."""
-    return {
+def describe_host(threads: int, runtime: str | None = None) -> dict[str, str]:
+    """CPU, cores, the thread count used for latency, OS, and with ``runtime`` its description and version."""
+    facts = {
         "cpu": cpu_model(),
         "cores": str(os.cpu_count()),
         "threads": str(threads),
         "machine": platform.machine(),
         "os": f"{platform.system()} {platform.release()}",
-        "runtime": f"torch {torch.__version__} eager fp32",
     }
+    if runtime is not None:
+        facts["runtime"] = get_runtime(runtime).describe()
+    return facts
 
 
 def runtime_version(runtime: str) -> str:
-    """Version string of ``runtime`` (``torch-eager`` or ``onnxruntime``) as installed here."""
-    if runtime == "torch-eager":
-        return torch.__version__
-    if runtime == "onnxruntime":
-        import onnxruntime
-
-        return onnxruntime.__version__
-    raise ValueError(f"unknown runtime {runtime!r}: use torch-eager or onnxruntime")
+    """Version string of the registered runtime ``runtime`` as installed here."""
+    return get_runtime(runtime).version()

@@ -3,11 +3,12 @@
 1. Enumerate. Candidates come from the latency-relevant part of the space (prune ratios, rank
    fractions, and int8-or-not per layer where int8 has kernels): all of them when there are at most
    ``pool`` (the digits CNN's 4096 prune combinations), else the uncompressed and the most
-   compressed candidate plus ``pool`` random ones. Torch eager signatures are read from each
-   candidate's shape alone (a ``meta``-device model, ~10 ms), so the enumeration is exhaustive over
-   the pool. ONNX Runtime signatures need a real deployment per candidate (~0.5 s), so a subset is
-   chosen greedily to cover every (eager unit signature, own/neighbour int8-ness) combination the
-   pool shows, the things ORT's node choice depends on; only those are deployed.
+   compressed candidate plus ``pool`` random ones. A structural runtime's signatures (torch eager)
+   are read from each candidate's shape alone (a ``meta``-device model, ~10 ms), so the enumeration
+   is exhaustive over the pool. Other runtimes' signatures (ONNX Runtime) need a real deployment
+   per candidate (~0.5 s), so a subset is chosen greedily to cover every (eager unit signature,
+   own/neighbour int8-ness) combination the pool shows, the things ORT's node choice depends on;
+   only those are deployed.
 2. Measure each new signature in isolation (:func:`~autocompress.evaluators.latency.time_in_passes`:
    warm-up, fixed threads, median of repeats, re-measured when noisy, the mean over
    ``LUT_PASSES`` interleaved passes over a chunk of ``LUT_CHUNK`` units), pinned to one CPU. The
@@ -41,11 +42,12 @@ from torch import nn
 from autocompress.compress.pipeline import deployment_plan
 from autocompress.errors import AutocompressError
 from autocompress.evaluators.latency import END_TO_END_PASSES, LUT_PASSES, Latency, pinned_cpu, time_in_passes
-from autocompress.hw_profiles import eager, onnx_graph, ort_map
-from autocompress.hw_profiles.host import cpu_model, runtime_version
+from autocompress.hw_profiles import ort_map
+from autocompress.hw_profiles.host import cpu_model
 from autocompress.hw_profiles.predictor import UnpredictableSignature, fit_overhead, lookup, lut_by_op
 from autocompress.hw_profiles.probe import read_probe
 from autocompress.hw_profiles.profile import (
+    DEFAULT_RUNTIME,
     CalibrationSample,
     HostInfo,
     LutEntry,
@@ -59,8 +61,8 @@ from autocompress.hw_profiles.profile import (
     save_profile,
 )
 from autocompress.hw_profiles.progress import Progress, duration
-from autocompress.hw_profiles.runtimes import Runtime, get_runtime
 from autocompress.hw_profiles.target import Target
+from autocompress.runtimes import ProfileUnit, Runtime, get_runtime
 from autocompress.spaces.candidate import Candidate
 
 CALIBRATION_SEED = 12345  # fixed: a resumed run calibrates on the same candidates
@@ -73,7 +75,7 @@ LUT_CHUNK = 50  # isolated units timed together, in interleaved passes
 class MeasureSettings:
     """How ``profile measure`` times things and how far it enumerates."""
 
-    runtime: str = "torch-eager"
+    runtime: str = DEFAULT_RUNTIME
     threads: int = 1
     repeats: int = 30
     warmup_ms: float = 20.0
@@ -120,7 +122,7 @@ def new_profile(settings: MeasureSettings, runtime: Runtime) -> Profile:
         ),
         runtime=RuntimeInfo(
             name=runtime.name,
-            version=runtime_version(runtime.name),
+            version=runtime.version(),
             dtypes=list(runtime.dtypes),
             kernel_bits=list(runtime.kernel_bits),
         ),
@@ -218,25 +220,27 @@ def _measure_units(
             on_done(start + len(chunk))
 
 
-def _eager_enumeration(target: Target, settings: MeasureSettings) -> dict[str, OpSignature]:
-    found: dict[str, OpSignature] = {}
-    shape = tuple(target.example_input.shape)
-    for candidate in target.builder.pool(False, settings.pool, settings.seed):
-        for sig in eager.eager_signatures(target.builder.shape_model(candidate), shape):
-            found.setdefault(sig.key(), sig)
+def _enumeration(target: Target, settings: MeasureSettings, runtime: Runtime) -> dict[str, ProfileUnit]:
+    """Every distinct unit of the pool's candidates, read from their structure (a structural runtime)."""
+    found: dict[str, ProfileUnit] = {}
+    for candidate in target.builder.pool(runtime.int8_kernels, settings.pool, settings.seed):
+        model = target.builder.shape_model(candidate)
+        bits = layer_bits(model, candidate.bits)
+        for unit in runtime.units(model, target.example_input, bits, settings.threads):
+            found.setdefault(unit.signature.key(), unit)
     return found
 
 
-def cover_candidates(target: Target, settings: MeasureSettings) -> list[Candidate]:
+def cover_candidates(target: Target, settings: MeasureSettings, runtime: Runtime) -> list[Candidate]:
     """Candidates that together show every unit proxy (:func:`.ort_map.unit_proxies`) of the pool.
 
     Greedy set cover over the pool: each step takes the candidate showing the most configurations
     not yet shown. The proxies are a heuristic for what ORT's graph optimizer looks at, so
-    :func:`_measure_ort` follows up with random candidates until new signatures stop appearing.
+    :func:`_measure_deployed` follows up with random candidates until new signatures stop appearing.
     """
     shape = tuple(target.example_input.shape)
     coverage = []
-    for candidate in target.builder.pool(True, settings.pool, settings.seed):
+    for candidate in target.builder.pool(runtime.int8_kernels, settings.pool, settings.seed):
         model = target.builder.shape_model(candidate)
         coverage.append((candidate, set(ort_map.unit_proxies(model, shape, deployment_plan(model, candidate)))))
     chosen, covered = [], set()
@@ -267,10 +271,10 @@ def measure_profile(
     started = time.monotonic()
     try:
         with pinned_cpu(cpu), runtime.timing(settings.threads):
-            if runtime.name == "torch-eager":
-                _measure_eager(target, settings, writer, log)
+            if runtime.structural:
+                _measure_enumerated(target, settings, runtime, writer, log)
             else:
-                _measure_ort(target, settings, runtime, writer, log)
+                _measure_deployed(target, settings, runtime, writer, log)
             _calibrate(target, settings, runtime, writer, log)
     finally:
         writer.save(force=True)
@@ -287,24 +291,23 @@ def measure_profile(
     return writer.profile
 
 
-def _measure_eager(target: Target, settings: MeasureSettings, writer: _Writer, log: Callable[[str], None]) -> None:
-    found = _eager_enumeration(target, settings)
-    todo = [sig for key, sig in found.items() if key not in writer.known]
-    log(f"torch-eager: {len(found)} distinct operator signatures in the space, {len(todo)} to measure")
+def _measure_enumerated(
+    target: Target, settings: MeasureSettings, runtime: Runtime, writer: _Writer, log: Callable[[str], None]
+) -> None:
+    found = _enumeration(target, settings, runtime)
+    todo = [unit for key, unit in found.items() if key not in writer.known]
+    log(f"{runtime.name}: {len(found)} distinct operator signatures in the space, {len(todo)} to measure")
     progress = Progress("measure", len(todo), "signatures")
-    units = []
-    for sig in todo:
-        module, inputs = eager.build_unit(sig)
-        units.append((sig, lambda module=module, inputs=inputs: module(*inputs)))
+    units = [(unit.signature, unit.build()) for unit in todo]
     _measure_units(units, settings, writer, lambda done: progress.update(done, note=f"{LUT_PASSES} passes per chunk"))
     progress.close()
 
 
-def _measure_ort(
+def _measure_deployed(
     target: Target, settings: MeasureSettings, runtime: Runtime, writer: _Writer, log: Callable[[str], None]
 ) -> None:
-    chosen = cover_candidates(target, settings)
-    log(f"onnxruntime: deploying {len(chosen)} candidates that cover the space's operator configurations")
+    chosen = cover_candidates(target, settings, runtime)
+    log(f"{runtime.name}: deploying {len(chosen)} candidates that cover the space's operator configurations")
     progress = Progress("measure", len(chosen), "candidates")
     for i, candidate in enumerate(chosen):
         _measure_missing(target, candidate, settings, runtime, writer)
@@ -320,7 +323,7 @@ def _measure_ort(
         extra += 1
         quiet = 0 if (len(writer.entries), len(writer.unit_map)) != before else quiet + 1
     log(
-        f"onnxruntime: {extra} random candidates after the cover; {len(writer.entries)} signatures and "
+        f"{runtime.name}: {extra} random candidates after the cover; {len(writer.entries)} signatures and "
         f"{len(writer.unit_map)} unit-map keys in the profile"
     )
 
@@ -330,21 +333,11 @@ def _measure_missing(
 ) -> list[OpSignature]:
     """Measure the signatures of ``candidate`` not yet in the profile; return all its signatures."""
     model, bits = target.builder.build(candidate)
-    shape = tuple(target.example_input.shape)
-    if runtime.name == "torch-eager":
-        sigs = eager.eager_signatures(model, shape)
-        todo = []
-        for sig in {s.key(): s for s in sigs if s.key() not in writer.known}.values():
-            module, inputs = eager.build_unit(sig)
-            todo.append((sig, lambda module=module, inputs=inputs: module(*inputs)))
-        _measure_units(todo, settings, writer)
-        return sigs
-    nodes = onnx_graph.model_units(model, target.example_input, bits, settings.threads)
-    new = {sig.key(): (sig, unit) for sig, unit in nodes if sig.key() not in writer.known}
-    units = [(sig, onnx_graph.unit_callable(unit, settings.threads)) for sig, unit in new.values()]
-    _measure_units(units, settings, writer)
-    ort_map.learn(writer.unit_map, model, shape, bits, nodes)
-    return [sig for sig, _ in nodes]
+    units = runtime.units(model, target.example_input, bits, settings.threads)
+    new = {unit.signature.key(): unit for unit in units if unit.signature.key() not in writer.known}
+    _measure_units([(unit.signature, unit.build()) for unit in new.values()], settings, writer)
+    runtime.learn(writer.unit_map, model, tuple(target.example_input.shape), bits, units)
+    return [unit.signature for unit in units]
 
 
 def calibration_candidates(target: Target, count: int) -> list[Candidate]:

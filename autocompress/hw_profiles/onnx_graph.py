@@ -35,12 +35,12 @@ from torch import nn
 
 from autocompress.errors import AutocompressError
 from autocompress.hw_profiles.profile import OpSignature
+from autocompress.runtimes.base import profile_calibration
 
 DOMAINS = {"": "", "ai.onnx": "", "com.microsoft": "ms.", "com.microsoft.nchwc": "nchwc."}
 # Attributes that are fields of the signature (the rest go to ``extra``).
 FIELD_ATTRIBUTES = {"kernel_shape", "strides", "pads", "group", "activation"}
 INT8_TYPES = (np.uint8, np.int8)
-CALIBRATION_BATCHES = 2
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,12 @@ def deployed_onnx(
 ) -> Path:
     """The ONNX file ``deploy.deploy`` produces for ``model`` with ``bits`` (int8 for 8-bit layers).
 
-    Calibration uses random inputs of the example's shape: the quantization ranges change the
-    values, not the kernels or their cost.
+    Calibration uses random inputs of the example's shape (:func:`~autocompress.runtimes.base.profile_calibration`):
+    the quantization ranges change the values, not the kernels or their cost.
     """
     from autocompress.compress.deploy import deploy
 
-    generator = torch.Generator().manual_seed(0)
-    batches = [torch.randn(example_input.shape, generator=generator) for _ in range(CALIBRATION_BATCHES)]
+    batches = profile_calibration(example_input)
     return deploy(model, dict(bits or {}), example_input, batches, workdir, threads=threads).onnx_path
 
 
@@ -266,13 +265,3 @@ def unit_callable(unit: NodeUnit, threads: int) -> Callable[[], object]:
     feed = {name: _random(shape, dtype, rng) for name, shape, dtype in unit.inputs}
     names = [name for name, _, _ in unit.outputs]
     return lambda: session.run(names, feed)
-
-
-def model_callable(
-    model: nn.Module, example_input: torch.Tensor, bits: dict[str, int] | None, threads: int, workdir: Path
-) -> Callable[[], object]:
-    """``fn()`` running the deployed model end to end through :class:`~autocompress.compress.deploy.OrtModel`."""
-    from autocompress.compress.deploy import OrtModel
-
-    ort_model = OrtModel(deployed_onnx(model, example_input, bits, workdir, threads), threads)
-    return lambda: ort_model(example_input)

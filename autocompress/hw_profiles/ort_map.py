@@ -42,6 +42,7 @@ from torch import nn
 from autocompress.hw_profiles import eager
 from autocompress.hw_profiles.onnx_graph import NodeUnit
 from autocompress.hw_profiles.profile import OpSignature, UnitVariant
+from autocompress.runtimes.regions import quantized_regions
 
 MAP_FORMAT = 3  # 3: keys carry the quantized regions; 2: without; 1: exact proxies, by execution order
 MAX_VARIANTS = 8  # node lists kept per key; rarer ones beyond that add nothing to the best guess
@@ -98,7 +99,7 @@ def unit_proxies(model: nn.Module, input_shape: Sequence[int], bits: dict[str, i
                 parts.append("(" + ",".join(sorted(reached(r))) + ")")
         return ",".join(parts)
 
-    quantized = _quantized_regions(layers, inputs, readers, bits)
+    quantized = _quantized_regions(layers, readers, bits)
 
     def regions(u: int) -> str:
         # A layer-less unit: its own region; a layer: the regions it reads from and feeds.
@@ -124,33 +125,18 @@ def unit_proxies(model: nn.Module, input_shape: Sequence[int], bits: dict[str, i
 
 def _quantized_regions(
     layers: Sequence[str],
-    inputs: Sequence[Sequence[int]],
     readers: Sequence[Sequence[int]],
     bits: dict[str, int] | None,
 ) -> list[str]:
     """Per layer-less unit, "q" if its region is quantized at deployment, else "f" ("" for layers).
 
-    A region is a connected group of layer-less units (pools, adds, flattens); deployment quantizes it
-    when any layer bordering it is int8 (:func:`~autocompress.compress.deploy.outside_int8_regions`),
-    which in a ResNet stage can be a layer several blocks away along the identity shortcuts.
+    The rule deployment follows (:func:`~autocompress.runtimes.regions.quantized_regions`), applied
+    to the eager units and their data flow.
     """
-    region = list(range(len(layers)))
-
-    def find(u: int) -> int:
-        while region[u] != u:
-            region[u] = region[region[u]]
-            u = region[u]
-        return u
-
-    for u, reads in enumerate(readers):
-        for r in reads:
-            if r >= 0 and not layers[u] and not layers[r]:
-                region[find(r)] = find(u)
-    int8_regions = set()
-    for u in range(len(layers)):
-        if layers[u] and _int8(bits, layers[u]) == "int8":
-            int8_regions.update(find(n) for n in (*inputs[u], *readers[u]) if n >= 0 and not layers[n])
-    return ["" if layers[u] else "q" if find(u) in int8_regions else "f" for u in range(len(layers))]
+    int8 = {layer for layer in layers if _int8(bits, layer) == "int8"}
+    edges = [(u, r) for u, reads in enumerate(readers) for r in reads if r >= 0]
+    quantized = quantized_regions([layer or None for layer in layers], edges, int8)
+    return ["" if layers[u] else "q" if u in quantized else "f" for u in range(len(layers))]
 
 
 def _scope(module: str, call: int) -> str:

@@ -38,11 +38,10 @@ import torch
 from torch import nn
 
 from autocompress.errors import AutocompressError
-from autocompress.hw_profiles.eager import eager_signatures
 from autocompress.hw_profiles.host import cpu_model, runtime_version
 from autocompress.hw_profiles.ort_map import MAP_FORMAT, MAP_SLACK, dominant, mapped_variants
 from autocompress.hw_profiles.profile import CalibrationSample, LutEntry, OpSignature, Overhead, Profile
-from autocompress.hw_profiles.runtimes import get_runtime
+from autocompress.runtimes import get_runtime
 
 MIN_SCALE_SAMPLES = 4
 KIND_SHARE = 0.15  # an operator kind with this share of a model's LUT time gets its own scale
@@ -441,8 +440,9 @@ def predict(
     check_host(profile)
     runtime = get_runtime(profile.runtime.name)
     name = model_key(model)
-    if runtime.name == "torch-eager":
-        return predict_signatures(eager_signatures(model, tuple(example_input.shape)), profile, name, "structure")
+    if runtime.structural:
+        sigs = runtime.signatures(model, example_input, bits, profile.host.threads)
+        return predict_signatures(sigs, profile, name, "structure")
     if profile.unit_map and profile.unit_map_format == MAP_FORMAT:
         ops = _map_prediction(profile, model, tuple(example_input.shape), bits)
         if ops is not None:

@@ -22,12 +22,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autocompress.errors import AutocompressError
+from autocompress.runtimes import runtime_names
 
 FORMAT_VERSION = 1
-RUNTIMES = ("torch-eager", "onnxruntime")
+DEFAULT_RUNTIME = "torch-eager"  # what ``profile measure`` measures unless told
 DTYPES = ("fp32", "int8")
 DTYPE_BITS = {"fp32": 32, "int8": 8}
 
@@ -109,10 +110,18 @@ class HostInfo(_Strict):
 class RuntimeInfo(_Strict):
     """The runtime that executed the operators, its version, and what has real kernels there."""
 
-    name: Literal["torch-eager", "onnxruntime"]
+    name: str = Field(description="a registered runtime (autocompress.runtimes)")
     version: str = Field(min_length=1)
     dtypes: list[Literal["fp32", "int8"]] = Field(min_length=1)
     kernel_bits: list[int] = Field(min_length=1, description="weight bit-widths with real kernels (32 = fp32)")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        # Aliases are for experiment files; a profile records the runtime's one name.
+        if value not in runtime_names():
+            raise ValueError(f"unknown runtime {value!r}: use one of {', '.join(runtime_names())}")
+        return value
 
     @model_validator(mode="after")
     def _bits_match_dtypes(self) -> RuntimeInfo:

@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress.compress.deploy import deploy
 from autocompress.compress.pipeline import Compressed, PipelineSettings, apply, finetune_student, prepare_student
 from autocompress.compress.quantize import plain_copy
 from autocompress.config import Experiment, LatencyConfig, profile_id
-from autocompress.evaluators import count_parameters, evaluate, measure_latency, model_size_bytes
+from autocompress.evaluators import count_parameters, evaluate, model_size_bytes
 from autocompress.hw_profiles.predictor import ProfileMismatchWarning, predict
 from autocompress.hw_profiles.profile import Profile, load_profile, resolve_profile_path
+from autocompress.runtimes import get_runtime
 from autocompress.spaces.candidate import Candidate
 from autocompress.tasks import Task
 from autocompress.techniques import techniques
@@ -85,14 +85,16 @@ class Metrics:
         return flat
 
 
-def runnable(model: nn.Module, bits: dict[str, int], ctx: TrialContext, workdir: str | Path) -> Any:
-    """What executes ``model`` on the host's runtime: the model itself (``torch``), or its ONNX
-    Runtime deployment with the 8-bit layers statically quantized to int8 (``onnxruntime``),
-    written under ``workdir``."""
-    if ctx.latency.runtime == "torch":
-        return model
+def runnable(
+    model: nn.Module, bits: dict[str, int], ctx: TrialContext, workdir: str | Path, runtime: str | None = None
+) -> Any:
+    """What executes ``model`` on ``runtime`` (default: the host's, ``latency.runtime``): its
+    deployment there (:meth:`~autocompress.runtimes.Runtime.deploy`: for ``onnxruntime`` the ONNX
+    model with the 8-bit layers statically quantized to int8, for ``torch-eager`` the model itself),
+    written under ``workdir`` and calibrated on the context's training batches."""
+    target = get_runtime(runtime or ctx.latency.runtime)
     calibration = list(itertools.islice(iter(ctx.task.loader("train", 64)), ctx.calibration_batches))
-    return deploy(model, bits, ctx.task.example_input(1), calibration, workdir, ctx.latency.threads).model
+    return target.deploy(model, bits, ctx.task.example_input(1), calibration, workdir, ctx.latency.threads)
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def _run(
         acc = evaluate(executable, ctx.task.loader("val", 256), ctx.task.metric) if accuracy else None
         lat = None
         if latency:
-            lat = measure_latency(
+            lat = get_runtime(settings.runtime).measure(
                 executable,
                 ctx.task.example_input(settings.batch_size),
                 threads=settings.threads,

@@ -201,13 +201,9 @@ def recover_interrupted(study: optuna.Study, tracker: Tracker, log: Callable[[st
 
 def runtime_description(runtime: str) -> str:
     """What executes candidates on the host, with its version (logged with the search)."""
-    if runtime == "onnxruntime":
-        import onnxruntime
+    from autocompress.runtimes import get_runtime
 
-        return f"onnxruntime {onnxruntime.__version__} CPU (int8 kernels for 8-bit layers, fp32 otherwise)"
-    import torch
-
-    return f"torch {torch.__version__} eager fp32"
+    return get_runtime(runtime).describe()
 
 
 def _duration(seconds: float) -> str:

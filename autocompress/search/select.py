@@ -11,6 +11,7 @@ rebuilt model, and the card says which.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import platform
@@ -25,12 +26,14 @@ from typing import Any
 from autocompress.config import Experiment
 from autocompress.errors import AutocompressError
 from autocompress.hw_profiles.predictor import check_host
+from autocompress.runtimes import UnknownRuntime, canonical_name, get_runtime, runtime_names
 from autocompress.search.objectives import HOST, build_candidate, make_context, predicted_latency, runnable
 from autocompress.search.report import Row
 from autocompress.search.store import StoredSearch, load_experiment_search
 from autocompress.search.tracking import Tracker, flatten
 from autocompress.spaces.candidate import Candidate
 
+SHIPPED_RUNTIME = "onnxruntime"  # the deployment whose files select writes, whatever the search ran on
 ONNX_FP32 = "model.fp32.onnx"  # names written by compress.deploy.deploy
 ONNX_INT8 = "model.int8.onnx"
 TORCH_MODULE = "model.pt"
@@ -125,7 +128,11 @@ def check_unchanged(exp: Experiment, search: StoredSearch) -> None:
         relevant = key in REBUILD_KEYS or key.startswith(tuple(k for k in REBUILD_KEYS if k.endswith(".")))
         if not relevant or key in NOISE_KEYS or key not in search.params:
             continue
-        if search.params[key] != value:
+        then = search.params[key]
+        if key == "latency.runtime" and then != value:
+            with contextlib.suppress(UnknownRuntime):  # a search logged before runtimes had one name ("torch")
+                then = canonical_name(str(then))
+        if then != value:
             raise AutocompressError(
                 f"{exp.name}: {key} is {value!r} now but was {search.params[key]!r} in search run {search.run_id} "
                 f"(study {search.study}); restore it to rebuild that search's models"
@@ -135,7 +142,7 @@ def check_unchanged(exp: Experiment, search: StoredSearch) -> None:
 def package_versions() -> dict[str, str]:
     """Versions of the packages that built and ran the model (recorded in the model card)."""
     versions = {"python": platform.python_version()}
-    for name in VERSIONED:
+    for name in dict.fromkeys([*VERSIONED, *(get_runtime(r).package for r in runtime_names())]):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -162,22 +169,25 @@ class Selection:
 def _remeasure_and_export(compressed: Any, ctx: Any, profile: str, out_dir: Path) -> tuple[dict[str, Any], Path]:
     """Deploy to ONNX in ``out_dir`` (8-bit layers int8) and measure what the search measured.
 
-    Returns the re-measured figures and the deployed ONNX path. For ``latency.runtime: torch`` the
-    eager model is measured (as in the search) and the ONNX files are exported alongside.
+    Returns the re-measured figures and the deployed ONNX path. The ONNX files ship whatever the
+    search's runtime; on another runtime (``torch-eager``) its own deployment is measured, as in the
+    search, and the ONNX files are exported alongside.
     """
     from autocompress.compress.deploy import runtime_int8_layers
-    from autocompress.evaluators import count_parameters, evaluate, measure_latency, model_size_bytes
+    from autocompress.evaluators import count_parameters, evaluate, model_size_bytes
 
     lat = ctx.latency
     # runnable() is the search's own deployment (same calibration batches), so the file written here
-    # is the model the search scored; for a torch-runtime search it still exports the ONNX.
-    onnx_ctx = (
-        ctx
-        if lat.runtime == "onnxruntime"
-        else dataclasses.replace(ctx, latency=lat.model_copy(update={"runtime": "onnxruntime"}))
-    )
-    ort_model = runnable(compressed.model, compressed.bits, onnx_ctx, out_dir)
-    executable = ort_model if lat.runtime == "onnxruntime" else compressed.model
+    # is the model the search scored.
+    deployed = {SHIPPED_RUNTIME: runnable(compressed.model, compressed.bits, ctx, out_dir, SHIPPED_RUNTIME)}
+
+    def on(runtime: str) -> Any:
+        if runtime not in deployed:
+            deployed[runtime] = runnable(compressed.model, compressed.bits, ctx, out_dir, runtime)
+        return deployed[runtime]
+
+    ort_model = deployed[SHIPPED_RUNTIME]
+    executable = on(lat.runtime)
     task = ctx.task
     figures: dict[str, Any] = {
         "val_accuracy": evaluate(executable, task.loader("val", 256), task.metric),
@@ -199,20 +209,20 @@ def _remeasure_and_export(compressed: Any, ctx: Any, profile: str, out_dir: Path
         figures["latency_ms"] = figures["latency_predicted_ms"]
     timed = None
     if profile == HOST:
-        timed, threads = executable, lat.threads
+        timed, timed_on, threads = executable, lat.runtime, lat.threads
         figures["latency_source"] = (
             f"re-measured on this host ({lat.runtime}, batch {lat.batch_size}, {lat.threads} thread(s), "
             f"median of {lat.repeats})"
         )
     elif hw is not None and not mismatch:
-        timed, threads = (ort_model if hw.runtime.name == "onnxruntime" else compressed.model), hw.host.threads
+        timed, timed_on, threads = on(hw.runtime.name), hw.runtime.name, hw.host.threads
         figures["latency_source"] = (
             f"re-measured on this host, the machine and runtime profile {profile!r} was measured on "
             f"({hw.runtime.name} {hw.runtime.version}, {threads} thread(s)); the profile predicts "
             f"{figures['latency_predicted_ms']:.3f} ms"
         )
     if timed is not None:
-        timing = measure_latency(timed, example, threads=threads, warmup=lat.warmup, repeats=lat.repeats)
+        timing = get_runtime(timed_on).measure(timed, example, threads=threads, warmup=lat.warmup, repeats=lat.repeats)
         figures["latency_ms"] = timing.median_ms
         figures["latency_p90_ms"] = timing.p90_ms
     int8 = runtime_int8_layers(ort_model.path, lat.threads) if ort_model.path.name == ONNX_INT8 else []
