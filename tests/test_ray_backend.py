@@ -29,7 +29,7 @@ from autocompress.search.ray_backend import (
     make_scheduler,
     run_ray_search,
 )
-from autocompress.search.runner import _Progress
+from autocompress.search.record import Progress
 from autocompress.search.tracking import Tracker
 from autocompress.spaces import Candidate, SearchSpace
 from tests.conftest import tiny_experiment_dict
@@ -243,7 +243,7 @@ def test_recorder_records_complete_stopped_and_failed_trials(tmp_path):
     logs: list[str] = []
     stop_reasons: dict[str, str] = {}
     recorder = MlflowRecorder(
-        exp, tracker, parent_id, teacher, _Progress(4, 0, teacher, "host", logs.append), stop_reasons
+        exp, tracker, parent_id, teacher, Progress(4, 0, teacher, "host", logs.append), stop_reasons
     )
     config = {"prune": {"features.0": 0.5}, "bits": {"features.0": 8}, "kd": {"temperature": 2.0, "alpha": 0.5}}
 
