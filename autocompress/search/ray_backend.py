@@ -2,7 +2,7 @@
 
 The space (define-by-run :meth:`SearchSpace.suggest`), the objective function
 (:func:`score_candidate`), the trial record (:mod:`~autocompress.search.record`: one nested
-MLflow run per trial with the same params, metrics and tags)
+MLflow run per trial with the same params, metrics and tags, budgets as Optuna constraint values)
 and the fronts (:func:`publish_fronts`) are those of the Optuna backend; only who schedules
 trials differs. Trials run as Ray actors, locally (a Ray instance
 started for the search) or on an existing cluster (``search.ray.address``).
@@ -45,7 +45,6 @@ from ray.tune.search.optuna import OptunaSearch
 
 from autocompress.config import ConstraintsConfig, Experiment, RayConfig
 from autocompress.errors import AutocompressError
-from autocompress.search.constraints import any_constraint, violations
 from autocompress.search.objectives import (
     DIRECTIONS,
     Cost,
@@ -71,6 +70,7 @@ from autocompress.search.record import (
     fail_reason,
     front_records,
     meets_budgets,
+    record_constraints,
     search_fronts,
 )
 from autocompress.search.report import TrialRecord
@@ -195,13 +195,15 @@ def _unflatten(result: dict, key: str) -> dict[str, float]:
 
 
 class MultiObjectiveOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna PRUNED (stopped) or FAIL for trials that end without objectives.
+    """OptunaSearch that tells Optuna PRUNED (stopped) or FAIL for trials that end without objectives,
+    and stores budgets where Optuna's samplers read them.
 
     OptunaSearch reads the objectives from a trial's last result; for a stopped or failed trial
     that is an epoch report or a failure report, and in the multi-objective case it would tell
     COMPLETE with missing values (refused by Optuna, leaving the trial RUNNING in the study).
-    With budgets, a complete trial's violations are stored where the Optuna backend stores them
-    (the ``constraints`` user attribute), for a sampler's ``constraints_func``.
+    With budgets, a complete trial's violations (and a stopped trial's, from the cost and last
+    accuracy measured) go on its Optuna trial through :func:`record_constraints` before it is
+    told, exactly as on the Optuna backend, so NSGA-II and TPE rank infeasible trials by them.
     """
 
     def __init__(
@@ -212,10 +214,11 @@ class MultiObjectiveOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        if result is not None and self.constraints is not None and any_constraint(self.constraints):
-            flat = _unflatten(result, METRICS)
-            if flat and trial_id in self._ot_trials:
-                self._ot_trials[trial_id].set_user_attr("constraints", violations(flat, self.constraints, self.profile))
+        told = trial_id in self._completed_trials or trial_id not in self._ot_trials
+        if result is not None and self.constraints is not None and not told:
+            measured = _unflatten(result, METRICS) or ({} if FAIL_REASON in result else _unflatten(result, PARTIAL))
+            if measured:
+                record_constraints(self._ot_trials[trial_id], measured, self.constraints, self.profile)
         if result is not None and any(result.get(m) is None for m in metrics):
             error = error or FAIL_REASON in result
             result = None  # -> FAIL if error, else PRUNED
