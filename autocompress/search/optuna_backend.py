@@ -318,10 +318,8 @@ class _OptunaLoop:
             self.exp.primary,
         )
 
-    def _standing(self) -> dict[str, int]:
-        """The progress line's counts after a trial ended: the study's finished trials and front size."""
-        fronts = search_fronts(trial_records(self.study), self.exp, self.setup.teacher_metrics)
-        return {"done": finished_count(self.study), "front_size": len(fronts[self.exp.primary])}
+    def _front_size(self) -> int:
+        return len(search_fronts(trial_records(self.study), self.exp, self.setup.teacher_metrics)[self.exp.primary])
 
     def run_one(self) -> None:
         study, recorder, exp = self.study, self.recorder, self.exp
@@ -360,13 +358,15 @@ class _OptunaLoop:
             trial.set_user_attr(CURVE_ATTR, curve)
             record_constraints(trial, partial, exp.search.constraints, exp.primary)
             study.tell(trial, state=TrialState.PRUNED)
-            recorder.stopped(run_id, trial.number, partial, str(stop), time.monotonic() - started, **self._standing())
+            duration, done = time.monotonic() - started, finished_count(study)
+            recorder.stopped(run_id, trial.number, partial, str(stop), duration, self._front_size(), done)
             return
         except Exception as err:  # noqa: BLE001 - failures are data: record the reason, go on
             reason = fail_reason(err)
             trial.set_user_attr(FAIL_REASON_ATTR, reason)
             study.tell(trial, state=TrialState.FAIL)
-            recorder.failed(run_id, trial.number, reason, time.monotonic() - started, **self._standing())
+            duration, done = time.monotonic() - started, finished_count(study)
+            recorder.failed(run_id, trial.number, reason, duration, self._front_size(), done)
             return
         flat = metrics.as_dict()
         feasible = record_constraints(trial, flat, exp.search.constraints, exp.primary)
@@ -374,7 +374,8 @@ class _OptunaLoop:
         trial.set_user_attr(CURVE_ATTR, curve)
         trial.set_user_attr(FEASIBLE_ATTR, feasible)
         study.tell(trial, values)
-        recorder.complete(run_id, trial.number, flat, feasible, time.monotonic() - started, **self._standing())
+        duration, done = time.monotonic() - started, finished_count(study)
+        recorder.complete(run_id, trial.number, flat, feasible, duration, self._front_size(), done)
 
 
 def trial_records(study: optuna.Study) -> list[TrialRecord]:
