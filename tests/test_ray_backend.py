@@ -8,11 +8,17 @@ from types import SimpleNamespace
 
 import pytest
 import ray
+import yaml
 from mlflow.tracking import MlflowClient
 
-from autocompress.config import parse_experiment
+from autocompress.compress.pipeline import prepare_student
+from autocompress.config import ConstraintsConfig, parse_experiment
 from autocompress.errors import AutocompressError
-from autocompress.search import run_search
+from autocompress.evaluators.latency import torch_threads
+from autocompress.hw_profiles.measure import MeasureSettings, measure_profile
+from autocompress.hw_profiles.target import load_target
+from autocompress.search import ray_backend, run_search
+from autocompress.search.objectives import measure_cost
 from autocompress.search.ray_backend import (
     DURATION,
     EPOCH,
@@ -29,12 +35,11 @@ from autocompress.search.ray_backend import (
     make_scheduler,
     run_ray_search,
 )
-from autocompress.search.runner import _Progress
+from autocompress.search.record import Progress
+from autocompress.search.setup import prepare_search
 from autocompress.search.tracking import Tracker
 from autocompress.spaces import Candidate, SearchSpace
 from tests.conftest import tiny_experiment_dict
-
-OBJECTIVE_KEYS = {"accuracy": "accuracy", "latency": "latency_ms.host", "size": "size_bytes"}
 
 
 def _experiment_dict(out_dir, backend: str) -> dict:
@@ -44,10 +49,11 @@ def _experiment_dict(out_dir, backend: str) -> dict:
     return data
 
 
-def _dominates(a: dict, b: dict, objectives) -> bool:
+def _dominates(a: dict, b: dict, objectives, profile: str = "host") -> bool:
     """Figures a dominate b: no worse on every objective (accuracy up, others down), better on one."""
+    keys = {"accuracy": "accuracy", "latency": f"latency_ms.{profile}", "size": "size_bytes"}
     signs = {"accuracy": 1.0, "latency": -1.0, "size": -1.0}
-    diffs = [signs[o] * (a[OBJECTIVE_KEYS[o]] - b[OBJECTIVE_KEYS[o]]) for o in objectives]
+    diffs = [signs[o] * (a[keys[o]] - b[keys[o]]) for o in objectives]
     return all(d >= 0 for d in diffs) and any(d > 0 for d in diffs)
 
 
@@ -57,11 +63,11 @@ def _children(client: MlflowClient, parent) -> list:
     )
 
 
-def _assert_front_is_the_non_dominated_set(front, complete: dict[int, dict], objectives) -> None:
+def _assert_front_is_the_non_dominated_set(front, complete: dict[int, dict], objectives, profile="host") -> None:
     members = {row.trial for row in front}
     assert members and members <= set(complete)
     for n, figures in complete.items():
-        dominated = any(_dominates(other, figures, objectives) for m, other in complete.items() if m != n)
+        dominated = any(_dominates(other, figures, objectives, profile) for m, other in complete.items() if m != n)
         assert dominated == (n not in members), f"trial {n}: on front {n in members}, dominated {dominated}"
 
 
@@ -221,6 +227,35 @@ def test_searcher_tells_optuna_complete_pruned_and_failed():
     assert trials[0].values == [0.9, 1.5]
 
 
+def test_searcher_stores_budget_violations_where_optunas_samplers_read_them():
+    import optuna
+    from optuna.study._constrained_optimization import _get_feasible_trials
+
+    searcher = MultiObjectiveOptunaSearch(
+        space=DefineByRun(SPACE),
+        metric=[f"{OBJECTIVES}/accuracy", f"{OBJECTIVES}/latency"],
+        mode=["max", "min"],
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        constraints=ConstraintsConfig(max_latency_ms=1.0, min_accuracy=0.8),
+        profile="host",
+    )
+    for i in range(3):
+        searcher.suggest(f"t{i}")
+    figures = {"accuracy": 0.9, "latency_ms.host": 1.5, "size_bytes": 1000.0, "params": 300.0}
+    # results as Tune hands them to a searcher: flattened at "/"
+    final = {f"{METRICS}/{k}": v for k, v in figures.items()}
+    searcher.on_trial_complete("t0", {**final, f"{OBJECTIVES}/accuracy": 0.9, f"{OBJECTIVES}/latency": 1.5})
+    partial = {f"{PARTIAL}/{k}": v for k, v in {**figures, "accuracy": 0.5, "latency_ms.host": 0.5}.items()}
+    searcher.on_trial_complete("t1", {EPOCH: 1, VAL_ACCURACY: 0.5, **partial})  # stopped: cost + last accuracy
+    searcher.on_trial_complete("t2", {FAIL_REASON: "RuntimeError: boom"})
+    trials = searcher._ot_study.get_trials()
+    # as the Optuna backend stores them (Trial.set_constraint): read back by FrozenTrial.constraints
+    assert trials[0].constraints == pytest.approx({"max_latency_ms": 0.5, "min_accuracy": -0.1})
+    assert trials[1].constraints == pytest.approx({"max_latency_ms": -0.5, "min_accuracy": 0.3})
+    assert trials[2].constraints == {}  # nothing was measured
+    assert _get_feasible_trials(trials) == [trials[2]]  # what NSGA-II and TPE rank on
+
+
 def test_scheduler_rungs_lie_before_the_last_epoch(tmp_path):
     logs: list[str] = []
     data = _experiment_dict(tmp_path / "s", "ray")
@@ -244,7 +279,7 @@ def test_recorder_records_complete_stopped_and_failed_trials(tmp_path):
     logs: list[str] = []
     stop_reasons: dict[str, str] = {}
     recorder = MlflowRecorder(
-        exp, tracker, parent_id, teacher, _Progress(4, 0, teacher, "host", logs.append), stop_reasons
+        exp, tracker, parent_id, teacher, Progress(4, 0, teacher, "host", logs.append), stop_reasons
     )
     config = {"prune": {"features.0": 0.5}, "bits": {"features.0": 8}, "kd": {"temperature": 2.0, "alpha": 0.5}}
 
@@ -281,3 +316,102 @@ def test_recorder_records_complete_stopped_and_failed_trials(tmp_path):
     assert c.info.status == "FAILED" and c.data.tags["fail_reason"] == "RuntimeError: boom"
     assert d.info.status == "FAILED" and d.data.tags["fail_reason"].endswith("The actor died unexpectedly")
     assert [line.split()[3] for line in logs] == ["acc", "STOPPED", "FAILED", "FAILED"]
+
+
+PROFILE = "tiny-eager"
+
+
+@pytest.fixture(scope="module")
+def eager_profile(tmp_path_factory):
+    """A torch-eager profile of the tiny space, measured here (seconds). Latencies predicted from it
+    are a function of a candidate's architecture alone, so a latency budget splits candidates the
+    same way in the test and in every trial."""
+    root = tmp_path_factory.mktemp("profile")
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_experiment_dict(root / "unused")))
+    settings = MeasureSettings(
+        runtime="torch-eager", repeats=5, warmup_ms=2.0, min_sample_ms=0.2, calibration=4, profile_id=PROFILE
+    )
+    with torch_threads(1):
+        measure_profile(load_target(path), root / f"{PROFILE}.json", settings, log=lambda _: None)
+    return root / f"{PROFILE}.json"
+
+
+def test_ray_budgets_mark_trials_reach_the_searchers_study_and_front_the_feasible_ones(
+    tmp_path, local_ray, eager_profile, monkeypatch
+):
+    data = _experiment_dict(tmp_path / "budget", "ray")
+    data["profiles"] = [str(eager_profile)]
+    data["latency"]["measure_host"] = False  # latency predicted on the profile: exact, not timed
+    data["finetune"]["epochs"] = 1
+    data["search"].update(n_trials=3, early_stop={"enabled": False})  # every trial runs to its measurement
+    exp = parse_experiment(data)
+    assert exp.primary == PROFILE
+
+    # Two candidates the search is made to try first, far apart in latency: the uncompressed one and
+    # the smallest; the budget lies between their predicted latencies, so one is infeasible.
+    setup = prepare_search(exp, log=lambda _: None)
+    dists = setup.space.distributions()
+    uncompressed = {k: d.choices[0] if k.startswith("kd/") else min(d.choices) for k, d in dists.items()}
+    uncompressed.update({k: 32 for k in dists if k.startswith("bits/")})
+    smallest = {k: d.choices[0] if k.startswith("kd/") else max(d.choices) for k, d in dists.items()}
+    smallest.update({k: 8 for k in dists if k.startswith("bits/")})
+
+    ctx = setup.ctx
+
+    def latency(params: dict) -> float:
+        def batches():
+            return ctx.task.loader("train", ctx.pipeline.batch_size, shuffle=True)
+
+        student = prepare_student(
+            ctx.teacher, Candidate.from_params(params), ctx.task.example_input(1), ctx.pipeline, batches
+        )
+        return measure_cost(student.model, student.bits, ctx).latency_ms[PROFILE]
+
+    slow, fast = latency(uncompressed), latency(smallest)
+    assert slow != fast
+    budget = (slow + fast) / 2
+    data["search"]["constraints"] = {"max_latency_ms": budget}
+    exp = parse_experiment(data)
+
+    searchers: list[MultiObjectiveOptunaSearch] = []
+
+    class Seeded(MultiObjectiveOptunaSearch):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, points_to_evaluate=[uncompressed, smallest], **kwargs)
+            searchers.append(self)
+
+    monkeypatch.setattr(ray_backend, "MultiObjectiveOptunaSearch", Seeded)
+    logs: list[str] = []
+    result = run_search(exp, log=logs.append)
+    assert result.finished == 3 and result.failed == 0
+
+    client = MlflowClient(tracking_uri=exp.tracking_uri)
+    children = _children(client, client.get_run(result.parent_run_id))
+    assert len(children) == 3 and {c.data.tags["state"] for c in children} == {"COMPLETE"}
+    (searcher,) = searchers
+    feasible: dict[int, dict] = {}
+    verdicts: dict[int, bool] = {}
+    for child in children:
+        number, figures = int(child.data.tags["trial"]), child.data.metrics
+        meets = figures[f"latency_ms.{PROFILE}"] <= budget
+        verdicts[number] = meets
+        assert child.data.tags["feasible"] == str(meets)  # as the Optuna backend tags it
+        if meets:
+            feasible[number] = figures
+        # the searcher's Optuna trial carries the budget's value where NSGA-II and TPE read it
+        ot_trial = searcher._ot_study.trials[searcher._ot_trials[child.data.tags["ray.trial_id"]].number]
+        assert ot_trial.constraints == pytest.approx({"max_latency_ms": figures[f"latency_ms.{PROFILE}"] - budget})
+    assert set(verdicts.values()) == {True, False}  # the budget splits the trials
+
+    # the progress line says so, as on the Optuna backend
+    lines = {int(line.split()[2]): line for line in logs if "ETA" in line}
+    for number, meets in verdicts.items():
+        assert lines[number].split(" | ")[0].endswith("  feasible" if meets else "  INFEASIBLE")
+    assert not any("no trial met search.constraints" in line for line in logs)
+
+    # the fronts are those of the feasible trials
+    front = result.fronts[PROFILE]
+    _assert_front_is_the_non_dominated_set(front, feasible, exp.objectives, PROFILE)
+    tagged = {int(c.data.tags["trial"]) for c in children if c.data.tags.get(f"front.{PROFILE}") == "True"}
+    assert tagged == {row.trial for row in front}

@@ -20,7 +20,8 @@ from autocompress.config import parse_experiment
 from autocompress.errors import AutocompressError
 from autocompress.search import objectives as objectives_module
 from autocompress.search import run_search
-from autocompress.search.runner import INTERRUPTED, counted
+from autocompress.search.optuna_backend import counted
+from autocompress.search.record import INTERRUPTED
 from autocompress.spaces import Candidate
 from tests.conftest import ROOT, tiny_experiment_dict
 
@@ -142,7 +143,7 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, monkeypatch
             metrics = type(metrics)(float("nan"), metrics.latency_ms, metrics.latency_p90_ms, 1, 1)
         return model, metrics
 
-    monkeypatch.setattr("autocompress.search.runner.score_candidate", flaky)
+    monkeypatch.setattr("autocompress.search.optuna_backend.score_candidate", flaky)
     result = run_search(exp, log=lambda _: None)
     assert result.finished == 4 and result.failed == 2
     study = optuna.load_study(study_name=result.study_name, storage=exp.storage_url)

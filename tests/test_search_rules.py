@@ -9,9 +9,10 @@ from optuna._hypervolume import compute_hypervolume
 from autocompress.config import ConstraintsConfig, parse_experiment
 from autocompress.search.constraints import any_constraint, is_feasible, violations
 from autocompress.search.early_stop import Finished, HopelessRule
+from autocompress.search.optuna_backend import counted
 from autocompress.search.pareto import hypervolume
 from autocompress.search.report import Row, front_hypervolume
-from autocompress.search.runner import counted, run_search
+from autocompress.search.runner import run_search
 from tests.conftest import tiny_experiment_dict
 
 FAST = {"latency_ms.host": 1.0, "size_bytes": 100.0}

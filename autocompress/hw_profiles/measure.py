@@ -225,7 +225,7 @@ def _enumeration(target: Target, settings: MeasureSettings, runtime: Runtime) ->
     found: dict[str, ProfileUnit] = {}
     for candidate in target.builder.pool(runtime.int8_kernels, settings.pool, settings.seed):
         model = target.builder.shape_model(candidate)
-        bits = layer_bits(model, candidate.bits)
+        bits = deployment_plan(model, candidate)
         for unit in runtime.units(model, target.example_input, bits, settings.threads):
             found.setdefault(unit.signature.key(), unit)
     return found

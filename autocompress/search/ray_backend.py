@@ -1,9 +1,10 @@
 """Run an experiment's search on Ray Tune: Optuna as Ray's searcher, ASHA on intermediate accuracy.
 
 The space (define-by-run :meth:`SearchSpace.suggest`), the objective function
-(:func:`score_candidate`), the MLflow layout (one parent run, one nested run per trial with the
-same params, metrics and tags) and the fronts (:func:`publish_fronts`) are those of the Optuna
-backend; only who schedules trials differs. Trials run as Ray actors, locally (a Ray instance
+(:func:`score_candidate`), the trial record (:mod:`~autocompress.search.record`: one nested
+MLflow run per trial with the same params, metrics and tags, budgets as Optuna constraint values)
+and the fronts (:func:`publish_fronts`) are those of the Optuna backend; only who schedules
+trials differs. Trials run as Ray actors, locally (a Ray instance
 started for the search) or on an existing cluster (``search.ray.address``).
 
 Division of work:
@@ -44,7 +45,6 @@ from ray.tune.search.optuna import OptunaSearch
 
 from autocompress.config import ConstraintsConfig, Experiment, RayConfig
 from autocompress.errors import AutocompressError
-from autocompress.search.constraints import any_constraint, is_feasible, violations
 from autocompress.search.objectives import (
     DIRECTIONS,
     Cost,
@@ -54,32 +54,50 @@ from autocompress.search.objectives import (
     objective_values,
     score_candidate,
 )
-from autocompress.search.report import TrialRecord, compute_fronts, profiles_in
-from autocompress.search.runner import (
+from autocompress.search.record import (
+    BACKEND_TAG,
+    COMPLETE,
+    DURATION,
+    FAIL,
+    FAILED_METRIC,
+    FINISHED_METRIC,
+    PRUNED,
+    STOPPED_METRIC,
+    USER_INTERRUPT,
+    VAL_ACCURACY,
+    Progress,
+    TrialRecorder,
+    fail_reason,
+    front_records,
+    meets_budgets,
+    record_constraints,
+    search_fronts,
+)
+from autocompress.search.report import TrialRecord
+from autocompress.search.samplers import make_sampler
+from autocompress.search.setup import (
     SearchInterrupted,
     SearchResult,
     SearchSetup,
-    _Progress,
     log_session,
+    new_search_name,
+    open_tracker,
     prepare_search,
     publish_fronts,
     start_parent_run,
 )
-from autocompress.search.samplers import make_sampler
 from autocompress.search.tracking import Tracker
 from autocompress.spaces import Candidate, SearchSpace
 from autocompress.tasks import load_task
 
-# Keys of the results a trial reports to Tune.
+# Keys of the results a trial reports to Tune (VAL_ACCURACY, ASHA's metric, and DURATION are
+# named as the trial-run metrics they become).
 EPOCH = "epoch"  # ASHA's time attribute: fine-tune epochs done
-VAL_ACCURACY = "val_accuracy"  # ASHA's metric: validation accuracy after that epoch
 PARTIAL = "partial"  # epoch report: cost and that epoch's accuracy, as Metrics.as_dict()
 METRICS = "metrics"  # final report: Metrics.as_dict()
 OBJECTIVES = "objectives"  # final report: objective values by name (the searcher's metrics)
 FAIL_REASON = "fail_reason"  # final report of a trial whose objective raised
-DURATION = "duration_s"
-
-COMPLETE, FAIL, PRUNED = "COMPLETE", "FAIL", "PRUNED"
+RAY_TRIAL_TAG = "ray.trial_id"  # trial-run tag: Tune's id of the trial
 
 # Tune's driver logs a warning per stopped or interrupted trial; the progress lines say it already.
 for _name in ("ray.tune", "ray.train"):
@@ -170,14 +188,22 @@ class DefineByRun:
         self.space.suggest(trial)  # OptunaSearch collects the suggested values itself
 
 
+def _unflatten(result: dict, key: str) -> dict[str, float]:
+    """The ``key`` part of a result Tune flattened at ``/`` (``metrics/accuracy`` -> ``accuracy``)."""
+    prefix = f"{key}/"
+    return {k[len(prefix) :]: float(v) for k, v in result.items() if k.startswith(prefix)}
+
+
 class MultiObjectiveOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna PRUNED (stopped) or FAIL for trials that end without objectives.
+    """OptunaSearch that tells Optuna PRUNED (stopped) or FAIL for trials that end without objectives,
+    and stores budgets where Optuna's samplers read them.
 
     OptunaSearch reads the objectives from a trial's last result; for a stopped or failed trial
     that is an epoch report or a failure report, and in the multi-objective case it would tell
     COMPLETE with missing values (refused by Optuna, leaving the trial RUNNING in the study).
-    With budgets, a complete trial's violations are stored where the Optuna backend stores them
-    (the ``constraints`` user attribute), for a sampler's ``constraints_func``.
+    With budgets, a complete trial's violations (and a stopped trial's, from the cost and last
+    accuracy measured) go on its Optuna trial through :func:`record_constraints` before it is
+    told, exactly as on the Optuna backend, so NSGA-II and TPE rank infeasible trials by them.
     """
 
     def __init__(
@@ -188,10 +214,11 @@ class MultiObjectiveOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        if result is not None and self.constraints is not None and any_constraint(self.constraints):
-            flat = {k[len(METRICS) + 1 :]: v for k, v in result.items() if k.startswith(f"{METRICS}/")}
-            if flat and trial_id in self._ot_trials:
-                self._ot_trials[trial_id].set_user_attr("constraints", violations(flat, self.constraints, self.profile))
+        told = trial_id in self._completed_trials or trial_id not in self._ot_trials
+        if result is not None and self.constraints is not None and not told:
+            measured = _unflatten(result, METRICS) or ({} if FAIL_REASON in result else _unflatten(result, PARTIAL))
+            if measured:
+                record_constraints(self._ot_trials[trial_id], measured, self.constraints, self.profile)
         if result is not None and any(result.get(m) is None for m in metrics):
             error = error or FAIL_REASON in result
             result = None  # -> FAIL if error, else PRUNED
@@ -290,7 +317,7 @@ def trainable(config: dict[str, Any], *, exp: Experiment, teacher_state: dict[st
         _, metrics = score_candidate(candidate, ctx, on_epoch=on_epoch)
         values = objective_values(metrics, exp.objectives, exp.primary)
     except Exception as err:  # noqa: BLE001 - failures are data: report the reason, the search goes on
-        tune.report({FAIL_REASON: f"{type(err).__name__}: {err}".strip(), DURATION: time.monotonic() - started})
+        tune.report({FAIL_REASON: fail_reason(err), DURATION: time.monotonic() - started})
         return
     tune.report(
         {
@@ -307,10 +334,10 @@ def trainable(config: dict[str, Any], *, exp: Experiment, teacher_state: dict[st
 class MlflowRecorder(tune.Callback):
     """Records each Tune trial as a nested MLflow run of the search and prints its progress line.
 
-    Run layout as in the Optuna backend: params = the candidate, ``val_accuracy`` per epoch,
-    final metrics (+ ``speedup.<profile>``, ``duration_s``), tags ``trial`` and ``state``
-    (COMPLETE with ``feasible``, FAIL with ``fail_reason``, PRUNED with ``stop_reason`` and the
-    cost and last accuracy measured before the stop).
+    The runs are written by :class:`~autocompress.search.record.TrialRecorder`, as on the Optuna
+    backend; this callback maps Tune's events onto it (numbers in start order, the candidate
+    from the trial's config, the state from its last result) and keeps the complete trials'
+    records for the fronts.
     """
 
     def __init__(
@@ -319,14 +346,13 @@ class MlflowRecorder(tune.Callback):
         tracker: Tracker,
         parent_id: str,
         teacher: dict[str, float],
-        progress: _Progress,
+        progress: Progress,
         stop_reasons: dict[str, str],
     ) -> None:
-        self.exp, self.tracker, self.parent_id, self.teacher = exp, tracker, parent_id, teacher
-        self.progress = progress
+        self.exp, self.teacher = exp, teacher
+        self.recorder = TrialRecorder(tracker, parent_id, teacher, exp.search.constraints, progress)
         self.stop_reasons = stop_reasons  # the scheduler's, filled before a stopped trial completes
         self.records: list[TrialRecord] = []
-        self.feasible: dict[int, bool] = {}
         self.counts = {COMPLETE: 0, FAIL: 0, PRUNED: 0}
         self.numbers: dict[str, int] = {}
         self.params: dict[str, dict[str, Any]] = {}
@@ -336,7 +362,7 @@ class MlflowRecorder(tune.Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its RunConfig (callbacks included) for Tuner.restore, which this backend
         # does not use; the MLflow client and the log function are live handles, not state.
-        return {k: v for k, v in self.__dict__.items() if k not in ("tracker", "progress")}
+        return {k: v for k, v in self.__dict__.items() if k != "recorder"}
 
     # --- Tune hooks ----------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -344,7 +370,7 @@ class MlflowRecorder(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if EPOCH in result and VAL_ACCURACY in result:
-            self.tracker.log(self._run(trial), metrics={VAL_ACCURACY: result[VAL_ACCURACY]}, step=int(result[EPOCH]))
+            self.recorder.epoch(self._run(trial), int(result[EPOCH]), result[VAL_ACCURACY])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id not in self.open_runs:
@@ -374,64 +400,38 @@ class MlflowRecorder(tune.Callback):
         if trial.trial_id in self.open_runs:
             return self.open_runs[trial.trial_id]
         number = self.numbers[trial.trial_id] = len(self.numbers)
-        params = self.params[trial.trial_id] = Candidate.from_params(candidate_params(trial.config)).to_params()
-        run_id = self.tracker.start_run(
-            f"trial-{number}",
-            self.parent_id,
-            tags={"trial": number, "state": "RUNNING", "ray.trial_id": trial.trial_id},
-        )
-        self.tracker.log(run_id, params=params)
+        candidate = Candidate.from_params(candidate_params(trial.config))
+        self.params[trial.trial_id] = candidate.to_params()
+        run_id = self.recorder.start(number, candidate, tags={RAY_TRIAL_TAG: trial.trial_id})
         self.open_runs[trial.trial_id] = run_id
         return run_id
 
     def front_records(self, log: Callable[[str], None] | None = None) -> list[TrialRecord]:
-        """The records fronts are computed from: the feasible ones when budgets are set and any is met."""
-        if not any_constraint(self.exp.search.constraints):
-            return list(self.records)
-        feasible = [r for r in self.records if self.feasible[r.number]]
-        if feasible:
-            return feasible
-        if log is not None:
-            log("no trial met search.constraints yet: the fronts below include infeasible trials")
-        return list(self.records)
+        """The records fronts are computed from (see :func:`~autocompress.search.record.front_records`)."""
+        return front_records(self.records, self.exp.search.constraints, log)
 
     def _complete(self, trial: Any, result: dict) -> None:
         run_id = self.open_runs.pop(trial.trial_id)
         number = self.numbers[trial.trial_id]
         flat = {k: float(v) for k, v in result[METRICS].items()}
-        feasible = self.feasible[number] = is_feasible(violations(flat, self.exp.search.constraints, self.exp.primary))
-        speedups = {
-            f"speedup.{p}": self.teacher[f"latency_ms.{p}"] / flat[f"latency_ms.{p}"] for p in profiles_in(flat)
-        }
-        self.tracker.log(
-            run_id,
-            metrics={**flat, **speedups, DURATION: result[DURATION]},
-            tags={"state": COMPLETE, "feasible": feasible},
-        )
-        self.tracker.end_run(run_id, "FINISHED")
-        self.records.append(TrialRecord(number, self.params[trial.trial_id], flat, run_id))
+        feasible = meets_budgets(flat, self.exp.search.constraints, self.exp.primary)
+        self.records.append(TrialRecord(number, self.params[trial.trial_id], flat, run_id, feasible))
         self.counts[COMPLETE] += 1
-        self.front_size = len(compute_fronts(self.front_records(), self.teacher, self.exp.objectives)[self.exp.primary])
-        shown = feasible if any_constraint(self.exp.search.constraints) else None
-        self.progress.trial(number, flat, self.front_size, feasible=shown)
+        self.front_size = len(search_fronts(self.records, self.exp, self.teacher)[self.exp.primary])
+        self.recorder.complete(run_id, number, flat, feasible, result[DURATION], self.front_size)
 
     def _fail(self, trial: Any, reason: str, duration: float | None) -> None:
         run_id = self.open_runs.pop(trial.trial_id, None) or self._pop_new_run(trial)
-        metrics = {DURATION: duration} if duration is not None else {}
-        self.tracker.log(run_id, metrics=metrics, tags={"state": FAIL, "fail_reason": reason[:5000]})
-        self.tracker.end_run(run_id, "FAILED")
         self.counts[FAIL] += 1
-        self.progress.trial(self.numbers[trial.trial_id], None, self.front_size, reason)
+        self.recorder.failed(run_id, self.numbers[trial.trial_id], reason, duration, self.front_size)
 
     def _stop(self, trial: Any, reason: str, result: dict) -> None:
         # Kept for the record, as the Optuna backend does: the cost and the last epoch's accuracy.
         run_id = self.open_runs.pop(trial.trial_id)
         partial = {k: float(v) for k, v in result.get(PARTIAL, {}).items()}
-        metrics = {**partial, DURATION: result[DURATION]} if DURATION in result else partial
-        self.tracker.log(run_id, metrics=metrics, tags={"state": PRUNED, "stop_reason": reason[:5000]})
-        self.tracker.end_run(run_id, "FINISHED")  # a stop is a decision of the search, not an error
         self.counts[PRUNED] += 1
-        self.progress.trial(self.numbers[trial.trial_id], partial or None, self.front_size, reason, stopped=True)
+        number = self.numbers[trial.trial_id]
+        self.recorder.stopped(run_id, number, partial, reason, result.get(DURATION), self.front_size)
 
     def _pop_new_run(self, trial: Any) -> str:
         self._run(trial)
@@ -440,8 +440,7 @@ class MlflowRecorder(tune.Callback):
     def close_open_runs(self, reason: str) -> int:
         """End the runs of trials Tune never reported back on (interrupt); returns how many."""
         for run_id in self.open_runs.values():
-            self.tracker.log(run_id, tags={"state": FAIL, "fail_reason": reason})
-            self.tracker.end_run(run_id, "KILLED")
+            self.recorder.interrupted(run_id, reason)
         closed = len(self.open_runs)
         self.open_runs.clear()
         return closed
@@ -470,13 +469,13 @@ def _tune_settings() -> Iterator[None]:
 
 
 def _search(exp: Experiment, setup: SearchSetup, log: Callable[[str], None]) -> SearchResult:
-    name = exp.search.study_name or f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = new_search_name(exp)
     storage = exp.out_dir / "ray"
     if (storage / name).exists():
         raise AutocompressError(f"Ray experiment {name!r} already exists in {storage}: set another search.study_name")
-    tracker = Tracker(exp.tracking_uri, exp.tracking.experiment or exp.name, exp.artifact_root)
+    tracker = open_tracker(exp)
     parent_id = start_parent_run(exp, setup, tracker, name)
-    tracker.log(parent_id, tags={"autocompress.backend": "ray"})
+    tracker.log(parent_id, tags={BACKEND_TAG: "ray"})
     log_session(exp, setup, tracker, parent_id)
     log(f"Ray Tune experiment {name!r} in {storage / name}; MLflow run {parent_id} at {exp.tracking_uri}")
 
@@ -490,7 +489,7 @@ def _search(exp: Experiment, setup: SearchSetup, log: Callable[[str], None]) -> 
         constraints=exp.search.constraints,
         profile=exp.primary,
     )
-    progress = _Progress(exp.search.n_trials, 0, setup.teacher_metrics, exp.primary, log)
+    progress = Progress(exp.search.n_trials, 0, setup.teacher_metrics, exp.primary, log)
     recorder = MlflowRecorder(
         exp, tracker, parent_id, setup.teacher_metrics, progress, getattr(scheduler, "stopped", {})
     )
@@ -528,7 +527,7 @@ def _search(exp: Experiment, setup: SearchSetup, log: Callable[[str], None]) -> 
             log(f"{stranded} trial(s) ended without a result (closed as KILLED)")
     except KeyboardInterrupt:
         status = "KILLED"
-        recorder.close_open_runs("interrupted by the user")
+        recorder.close_open_runs(USER_INTERRUPT)
         ended = sum(recorder.counts.values())
         raise SearchInterrupted(
             f"interrupted: {ended} finished trial(s) kept in MLflow run {parent_id}; "
@@ -557,7 +556,7 @@ def _finish(
     finished = sum(counts.values())
     tracker.log(
         parent_id,
-        metrics={"trials.finished": finished, "trials.failed": counts[FAIL], "trials.stopped": counts[PRUNED]},
+        metrics={FINISHED_METRIC: finished, FAILED_METRIC: counts[FAIL], STOPPED_METRIC: counts[PRUNED]},
     )
     tracker.end_run(parent_id, status)
     if exp.search.timeout is not None and finished < exp.search.n_trials and status == "FINISHED":

@@ -21,13 +21,15 @@ class TrialRecord:
     """A finished, successful trial as plain data, whichever backend ran it.
 
     ``metrics`` uses the flat names of :meth:`~autocompress.search.objectives.Metrics.as_dict`
-    (``accuracy``, ``latency_ms.<profile>``, ``size_bytes``, ``params``).
+    (``accuracy``, ``latency_ms.<profile>``, ``size_bytes``, ``params``); ``feasible`` says whether
+    it met the search's budgets (True without budgets).
     """
 
     number: int
     params: dict[str, Any]
     metrics: dict[str, float]
     run_id: str | None = None
+    feasible: bool = True
 
 
 def profiles_in(metrics: dict[str, float]) -> list[str]:

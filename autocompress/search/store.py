@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autocompress.errors import AutocompressError
+from autocompress.search.record import COMPLETE, PARENT_RUN_ATTR, STATE_TAG, STUDY_TAG, TEACHER_PREFIX, TRIAL_TAG
 from autocompress.search.report import Row, TrialRecord, compute_fronts
 from autocompress.search.tracking import PARENT_TAG
 from autocompress.techniques import ParameterError, parse_params
@@ -29,10 +30,6 @@ if TYPE_CHECKING:
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 """The store a search writes to when its experiment leaves ``tracking.uri`` and ``output_dir`` unset."""
-STUDY_TAG = "autocompress.study"  # on a search's parent run: the Optuna study name
-TRIAL_TAG = "trial"  # on a trial run: the trial number
-STATE_TAG = "state"  # on a trial run: COMPLETE, FAIL or RUNNING
-TEACHER_PREFIX = "teacher."
 DEFAULT_OBJECTIVES = ("accuracy", "latency", "size")
 _RECORD_METRICS = ("accuracy", "size_bytes", "params")
 _PAGE = 1000  # runs per search request; well under any server's limit
@@ -103,7 +100,7 @@ def trial_records_from_runs(runs: Sequence[Run]) -> list[TrialRecord]:
     records = []
     for run in runs:
         tags = run.data.tags
-        if TRIAL_TAG not in tags or tags.get(STATE_TAG) != "COMPLETE":
+        if TRIAL_TAG not in tags or tags.get(STATE_TAG) != COMPLETE:
             continue
         metrics = {
             k: v
@@ -232,7 +229,7 @@ def _study_parent_run(exp: Experiment, study: str | None) -> str | None:
     """The parent run id the Optuna study recorded (``study`` or the experiment's latest), if that study exists."""
     import optuna
 
-    from autocompress.search.runner import latest_study
+    from autocompress.search.setup import latest_study
 
     path = sqlite_path(exp.storage_url)
     if path is not None and not path.is_file():
@@ -245,7 +242,7 @@ def _study_parent_run(exp: Experiment, study: str | None) -> str | None:
     if name is None:
         return None
     try:
-        return optuna.load_study(study_name=name, storage=storage).user_attrs.get("mlflow_parent_run_id")
+        return optuna.load_study(study_name=name, storage=storage).user_attrs.get(PARENT_RUN_ATTR)
     except KeyError:
         return None
 

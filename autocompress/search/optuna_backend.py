@@ -1,0 +1,417 @@
+"""Run an experiment's search on Optuna: open or resume the study, score trials, report fronts.
+
+Each trial is scored by :func:`~autocompress.search.objectives.score_candidate`; a trial that
+raises (divergence, out of memory, an unsupported layer) is recorded as failed with its reason
+and the search goes on. The study lives in an RDB (SQLite by default), so finished trials
+survive a crash; ``resume`` continues the latest study of the experiment to ``n_trials``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from autocompress.config import Experiment
+from autocompress.errors import AutocompressError
+from autocompress.search.early_stop import Finished, HopelessRule, TrialStopped
+from autocompress.search.objectives import DIRECTIONS, Cost, metrics_from, objective_values, score_candidate
+from autocompress.search.record import (
+    CURVE_ATTR,
+    EXPERIMENT_ATTR,
+    FAIL_REASON_ATTR,
+    FAILED_METRIC,
+    FEASIBLE_ATTR,
+    FINISHED_METRIC,
+    INTERRUPTED,
+    METRICS_ATTR,
+    PARENT_RUN_ATTR,
+    RUN_ID_ATTR,
+    STOP_REASON_ATTR,
+    USER_INTERRUPT,
+    WORKER_DIED,
+    Progress,
+    TrialRecorder,
+    fail_reason,
+    front_records,
+    record_constraints,
+    record_interrupted,
+    search_fronts,
+)
+from autocompress.search.report import TrialRecord
+from autocompress.search.samplers import make_sampler
+from autocompress.search.setup import (
+    SearchInterrupted,
+    SearchResult,
+    SearchSetup,
+    latest_study,
+    log_session,
+    new_search_name,
+    open_tracker,
+    prepare_search,
+    publish_fronts,
+    start_parent_run,
+)
+from autocompress.search.tracking import Tracker
+from autocompress.spaces import SearchSpace
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# Optuna attributes of this backend's scheduling (the trial record's own are in search.record).
+FINGERPRINT_ATTR = "fingerprint"  # study: what makes its trials comparable
+WORKER_ATTR = "worker"  # trial: host:pid of the process running it
+RETRY_OF_ATTR = "retry_of"  # trial: the interrupted trial it redoes
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def counted(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial counts toward ``n_trials``: complete, stopped early, or failed for a reason of its own."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and not trial.user_attrs.get(INTERRUPTED)
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials of ``study`` that count toward ``n_trials`` (see :func:`counted`), whichever worker ran them."""
+    return sum(counted(t) for t in study.get_trials(deepcopy=False))
+
+
+def fingerprint(exp: Experiment, space: SearchSpace) -> str:
+    """Hash of everything that makes trials comparable; a resumed study must match it."""
+    payload = {
+        "task": exp.task.model_dump(mode="json"),
+        "teacher": exp.teacher.model_dump(mode="json"),
+        "seed": exp.seed,
+        "space": space.summary(),
+        "finetune": exp.finetune.model_dump(mode="json"),
+        "latency": exp.latency.model_dump(mode="json"),
+        "objectives": exp.objectives,
+        "profiles": exp.profiles,
+        "primary": exp.primary,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_study(exp: Experiment, space: SearchSpace, resume: bool | str) -> tuple[optuna.Study, bool]:
+    """Create a new study, or load the one to resume; returns ``(study, resumed)``."""
+    exp.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        storage = optuna.storages.RDBStorage(exp.storage_url)
+    except Exception as err:  # noqa: BLE001 - bad URL, missing driver, unreachable server
+        raise AutocompressError(f"search.storage {exp.storage_url!r}: cannot open ({err})") from None
+    fp = fingerprint(exp, space)
+    if resume:
+        name = resume if isinstance(resume, str) else (exp.search.study_name or latest_study(storage, exp.name))
+        if name is None:
+            raise AutocompressError(f"--resume: no study of experiment {exp.name!r} in {exp.storage_url}")
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            raise AutocompressError(f"--resume: no study named {name!r} in {exp.storage_url}") from None
+        if study.user_attrs.get(FINGERPRINT_ATTR) != fp:
+            raise AutocompressError(
+                f"--resume: the experiment changed since study {name!r} was created (task, space, fine-tune, "
+                "latency or objectives differ); start a new search without --resume"
+            )
+        study.sampler = make_sampler(exp.search, exp.search_seed + len(study.trials))
+        return study, True
+    name = new_search_name(exp)
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            sampler=make_sampler(exp.search, exp.search_seed),
+            study_name=name,
+            directions=[DIRECTIONS[o] for o in exp.objectives],
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        raise AutocompressError(
+            f"study {name!r} already exists in {exp.storage_url}: pass --resume to continue it, "
+            "or set another search.study_name"
+        ) from None
+    study.set_user_attr(EXPERIMENT_ATTR, exp.name)
+    study.set_user_attr(FINGERPRINT_ATTR, fp)
+    return study, False
+
+
+def recover_interrupted(study: optuna.Study, tracker: Tracker, log: Callable[[str], None]) -> int:
+    """Fail and re-queue trials left RUNNING by a worker on this host that no longer exists.
+
+    The re-queued copy carries the same parameters, so the work is redone once and never
+    counted twice (the interrupted trial is flagged and excluded from ``n_trials``).
+    """
+    host = socket.gethostname()
+    recovered = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get(WORKER_ATTR, "")
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: trial.number})
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id:
+            record_interrupted(tracker, run_id, WORKER_DIED)
+        recovered += 1
+    if recovered:
+        log(f"resume: {recovered} interrupted trial(s) re-queued with their parameters")
+    return recovered
+
+
+def run_optuna_search(
+    exp: Experiment,
+    *,
+    resume: bool | str = False,
+    retrain: bool = False,
+    log: Callable[[str], None] = print,
+) -> SearchResult:
+    """Run (or resume) the search of ``exp`` on Optuna until ``n_trials`` trials are finished or time runs out."""
+    setup = prepare_search(exp, retrain=retrain, log=log)
+    space, teacher_metrics = setup.space, setup.teacher_metrics
+    study, resumed = open_study(exp, space, resume)
+    tracker = open_tracker(exp)
+    parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if parent_id is None:
+        parent_id = start_parent_run(exp, setup, tracker, study.study_name)
+        study.set_user_attr(PARENT_RUN_ATTR, parent_id)
+    else:
+        tracker.client.update_run(parent_id, status="RUNNING")
+        recover_interrupted(study, tracker, log)
+    log_session(exp, setup, tracker, parent_id)
+    log(
+        f"study {study.study_name!r} in {exp.storage_url}{' (resumed)' if resumed else ''}; "
+        f"MLflow run {parent_id} at {exp.tracking_uri}"
+    )
+
+    progress = Progress(exp.search.n_trials, finished_count(study), teacher_metrics, exp.primary, log)
+    recorder = TrialRecorder(tracker, parent_id, teacher_metrics, exp.search.constraints, progress)
+    loop = _OptunaLoop(study, setup, exp, recorder)
+    started = time.monotonic()
+    status = "FINISHED"
+    workers = _start_workers(exp, study.study_name, parent_id, teacher_metrics, log)
+    try:
+        run_trials(study, loop, exp, started, log)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise SearchInterrupted(
+            f"interrupted: {finished_count(study)} finished trial(s) kept in study {study.study_name!r}; "
+            "continue with the same command plus --resume"
+        ) from None
+    finally:
+        _join_workers(workers, log)
+        result = _finish(study, exp, tracker, parent_id, teacher_metrics, status, log)
+    return result
+
+
+def run_trials(study: optuna.Study, loop: _OptunaLoop, exp: Experiment, started: float, log) -> int:
+    """Run trials until ``n_trials`` are finished, counting the ones other workers are running.
+
+    Every worker of a parallel search runs this loop against the same study; a worker starts a
+    trial only while finished + running trials fall short of ``n_trials``, so the workers stop
+    together without lost trials. Returns the number of finished trials.
+    """
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        done = sum(counted(t) for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if done + running >= exp.search.n_trials:
+            return done
+        if exp.search.timeout is not None and time.monotonic() - started > exp.search.timeout:
+            log(f"timeout of {exp.search.timeout:g}s reached after {done} finished trials")
+            return done
+        loop.run_one()
+
+
+def _start_workers(exp: Experiment, study_name: str, parent_id: str, teacher: dict[str, float], log) -> list:
+    """Start ``search.workers - 1`` processes that run trials of the same study beside this one."""
+    if exp.search.workers <= 1:
+        return []
+    import multiprocessing
+
+    # spawn, not fork: torch, ONNX Runtime and the MLflow/SQLAlchemy clients are not fork-safe.
+    context = multiprocessing.get_context("spawn")
+    processes = []
+    for index in range(1, exp.search.workers):
+        process = context.Process(
+            target=_worker_main,
+            args=(exp.model_dump(mode="json"), study_name, parent_id, teacher, index),
+            name=f"autocompress-worker-{index}",
+        )
+        process.start()
+        processes.append(process)
+    log(f"{exp.search.workers} workers on study {study_name!r} (this process and {len(processes)} more)")
+    return processes
+
+
+def _join_workers(processes: list, log) -> None:
+    for process in processes:
+        process.join()
+        if process.exitcode not in (0, None):
+            log(f"worker {process.name} exited with status {process.exitcode}; its finished trials are kept")
+
+
+def _worker_main(exp_data: dict, study_name: str, parent_id: str, teacher: dict[str, float], index: int) -> None:
+    """Entry point of a parallel worker process: the trial loop of :func:`run_optuna_search`, nothing else."""
+    from autocompress.config import parse_experiment
+
+    def log(message: str) -> None:
+        print(f"[worker {index}] {message}", flush=True)
+
+    exp = parse_experiment(exp_data)
+    setup = prepare_search(exp, log=lambda _: None, teacher_metrics=teacher)
+    study = optuna.load_study(study_name=study_name, storage=exp.storage_url)
+    # Each worker samples with its own seed: identical samplers would propose identical trials.
+    study.sampler = make_sampler(exp.search, exp.search_seed + 7919 * index + len(study.trials))
+    progress = Progress(exp.search.n_trials, finished_count(study), teacher, exp.primary, log)
+    recorder = TrialRecorder(open_tracker(exp), parent_id, teacher, exp.search.constraints, progress)
+    try:
+        run_trials(study, _OptunaLoop(study, setup, exp, recorder), exp, time.monotonic(), log)
+    except KeyboardInterrupt:
+        pass  # the interrupted trial was re-queued by run_one; the main process reports the stop
+
+
+class _OptunaLoop:
+    """Runs one trial at a time against a study: ask, score, tell, record in MLflow, report progress."""
+
+    def __init__(self, study: optuna.Study, setup: SearchSetup, exp: Experiment, recorder: TrialRecorder) -> None:
+        self.study, self.setup, self.exp, self.recorder = study, setup, exp, recorder
+        self.worker = _worker_id()
+
+    def _rule(self) -> HopelessRule | None:
+        config = self.exp.search.early_stop
+        if not config.enabled:
+            return None
+        finished = [
+            Finished(
+                costs=t.user_attrs[METRICS_ATTR],
+                curve=t.user_attrs.get(CURVE_ATTR, []),
+                final=t.user_attrs[METRICS_ATTR]["accuracy"],
+            )
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if METRICS_ATTR in t.user_attrs
+        ]
+        return HopelessRule(
+            finished,
+            self.exp.objectives,
+            config.margin,
+            config.min_epochs,
+            self.exp.search.constraints.min_accuracy,
+            self.exp.primary,
+        )
+
+    def _front_size(self) -> int:
+        return len(search_fronts(trial_records(self.study), self.exp, self.setup.teacher_metrics)[self.exp.primary])
+
+    def run_one(self) -> None:
+        study, recorder, exp = self.study, self.recorder, self.exp
+        trial = study.ask()
+        trial.set_user_attr(WORKER_ATTR, self.worker)
+        candidate = self.setup.space.suggest(trial)
+        run_id = recorder.start(trial.number, candidate)
+        trial.set_user_attr(RUN_ID_ATTR, run_id)
+        rule, curve = self._rule(), []
+        cost_seen: list[Cost] = []
+
+        def on_epoch(epoch: int, accuracy: float | None, cost: Cost) -> None:
+            if accuracy is None:
+                return
+            curve.append(accuracy)
+            cost_seen[:] = [cost]
+            recorder.epoch(run_id, epoch, accuracy)
+            reason = rule.check(epoch, accuracy, metrics_from(accuracy, cost).as_dict()) if rule else None
+            if reason:
+                raise TrialStopped(reason)
+
+        started = time.monotonic()
+        try:
+            _, metrics = score_candidate(candidate, self.setup.ctx, on_epoch=on_epoch)
+            values = objective_values(metrics, exp.objectives, exp.primary)
+        except KeyboardInterrupt:
+            trial.set_user_attr(INTERRUPTED, True)
+            study.tell(trial, state=TrialState.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: trial.number})
+            recorder.interrupted(run_id, USER_INTERRUPT)
+            raise
+        except TrialStopped as stop:
+            # Stopped trials keep what was measured: their costs and last accuracy, for the record.
+            partial = metrics_from(curve[-1], cost_seen[0]).as_dict()
+            trial.set_user_attr(STOP_REASON_ATTR, str(stop))
+            trial.set_user_attr(CURVE_ATTR, curve)
+            record_constraints(trial, partial, exp.search.constraints, exp.primary)
+            study.tell(trial, state=TrialState.PRUNED)
+            duration, done = time.monotonic() - started, finished_count(study)
+            recorder.stopped(run_id, trial.number, partial, str(stop), duration, self._front_size(), done)
+            return
+        except Exception as err:  # noqa: BLE001 - failures are data: record the reason, go on
+            reason = fail_reason(err)
+            trial.set_user_attr(FAIL_REASON_ATTR, reason)
+            study.tell(trial, state=TrialState.FAIL)
+            duration, done = time.monotonic() - started, finished_count(study)
+            recorder.failed(run_id, trial.number, reason, duration, self._front_size(), done)
+            return
+        flat = metrics.as_dict()
+        feasible = record_constraints(trial, flat, exp.search.constraints, exp.primary)
+        trial.set_user_attr(METRICS_ATTR, flat)
+        trial.set_user_attr(CURVE_ATTR, curve)
+        trial.set_user_attr(FEASIBLE_ATTR, feasible)
+        study.tell(trial, values)
+        duration, done = time.monotonic() - started, finished_count(study)
+        recorder.complete(run_id, trial.number, flat, feasible, duration, self._front_size(), done)
+
+
+def trial_records(study: optuna.Study) -> list[TrialRecord]:
+    """The study's complete trials as backend-neutral records."""
+    return [
+        TrialRecord(
+            t.number,
+            dict(t.params),
+            t.user_attrs[METRICS_ATTR],
+            t.user_attrs.get(RUN_ID_ATTR),
+            t.user_attrs.get(FEASIBLE_ATTR, True),
+        )
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if METRICS_ATTR in t.user_attrs
+    ]
+
+
+def _finish(study, exp, tracker: Tracker, parent_id, teacher, status, log) -> SearchResult:
+    """Publish the fronts (also after a timeout or an interrupt: nothing is lost) and close the run."""
+    out_dir = exp.out_dir / study.study_name
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(counted(t) for t in trials)
+    failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED) for t in trials)
+    records = front_records(trial_records(study), exp.search.constraints, log)
+    fronts, artifacts = publish_fronts(records, exp, teacher, tracker, parent_id, out_dir, log)
+    tracker.log(parent_id, metrics={FINISHED_METRIC: finished, FAILED_METRIC: failed})
+    tracker.end_run(parent_id, status)
+    log(f"\n{finished} finished trial(s) ({failed} failed). Fronts: {out_dir}")
+    return SearchResult(
+        study_name=study.study_name,
+        storage=exp.storage_url,
+        parent_run_id=parent_id,
+        teacher=teacher,
+        fronts=fronts,
+        finished=finished,
+        failed=failed,
+        out_dir=out_dir,
+        artifacts=artifacts,
+    )
