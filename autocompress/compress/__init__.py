@@ -1,5 +1,2 @@
-"""Compression transforms: structured pruning, weight quantization, distillation, the pipeline."""
-
-from autocompress.compress.pipeline import PipelineSettings, apply
-
-__all__ = ["PipelineSettings", "apply"]
+"""Compression transforms the techniques call: structured pruning, low-rank, weight quantization,
+distillation, ONNX deployment, and the build order (:mod:`autocompress.compress.pipeline`)."""

@@ -93,7 +93,7 @@ def digits_task(
     split_seed: int = 0,
 ):
     """The ``digits`` task: 1797 images, 10 classes, stratified 60/20/20 split by default."""
-    from autocompress.tasks import Task
+    from autocompress.tasks.base import Task
 
     if width < 1 or hidden < 1 or image_size < 8:
         raise AutocompressError(

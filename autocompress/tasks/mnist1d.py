@@ -53,7 +53,7 @@ def mnist1d_task(
     """The ``mnist1d`` task: ``num_samples`` generated sequences of length 40, 10 classes."""
     from mnist1d.data import get_dataset_args, make_dataset
 
-    from autocompress.tasks import Task
+    from autocompress.tasks.base import Task
 
     if num_samples < 100:
         raise AutocompressError(f"task args: num_samples={num_samples} must be >= 100")
