@@ -19,7 +19,7 @@ from autocompress.errors import ConfigError
 from autocompress.runtimes import canonical_name
 from autocompress.techniques.base import Section, Stage
 
-OBJECTIVES = ("accuracy", "latency", "size")
+OBJECTIVES = ("accuracy", "latency", "size", "compressed_size")
 
 
 _Section = Section  # forbid: a misspelt key must be an error, not a silently ignored setting
@@ -192,7 +192,8 @@ class Experiment(_Section):
     space: SpaceConfig = Field(default_factory=SpaceConfig)  # type: ignore[valid-type]
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
-    objectives: list[Literal["accuracy", "latency", "size"]] = Field(
+    # compressed_size: the deployed file zipped (what sparsity and low-entropy weights shrink).
+    objectives: list[Literal["accuracy", "latency", "size", "compressed_size"]] = Field(
         default_factory=lambda: ["accuracy", "latency", "size"]
     )
     # Hardware profiles (shipped ids or JSON paths): every trial's latency is also predicted from
@@ -207,7 +208,7 @@ class Experiment(_Section):
         if "accuracy" not in value:
             raise ValueError("objectives must include 'accuracy'")
         if len(value) < 2:
-            raise ValueError("objectives need 'accuracy' and at least one of 'latency', 'size'")
+            raise ValueError("objectives need 'accuracy' and at least one of 'latency', 'size', 'compressed_size'")
         if len(set(value)) != len(value):
             raise ValueError(f"objectives {value} repeat an entry")
         return value

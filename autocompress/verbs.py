@@ -77,7 +77,7 @@ def cmd_front(args: argparse.Namespace) -> int:
             f"\nPareto front on profile '{profile}' ({len(front)} of {len(search.records)} complete trials; "
             f"objectives: {', '.join(search.objectives)}):"
         )
-        print(format_table(front, search.teacher, profile))
+        print(format_table(front, search.teacher, profile, zipped="compressed_size" in search.objectives))
     return 0
 
 

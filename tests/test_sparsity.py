@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import torch
+import json
 
+import torch
+import yaml
+
+from autocompress.cli import main
 from autocompress.compress.pipeline import PipelineSettings, apply
-from autocompress.config import SpaceConfig
+from autocompress.config import SpaceConfig, load_experiment
 from autocompress.hw_profiles.candidates import CandidateBuilder
+from autocompress.search.runner import run_search
 from autocompress.spaces import Candidate, build_space
 from autocompress.tasks import load_task
 from autocompress.tasks.digits import DigitsCNN
 from autocompress.techniques.sparsity import magnitude_mask
+from tests.conftest import tiny_experiment_dict
 
 
 def test_mask_zeroes_the_smallest_weights():
@@ -50,3 +56,35 @@ def test_built_student_keeps_its_zeros_through_the_fine_tune_and_quantization():
     assert (conv2 == 0).float().mean().item() >= 0.5
     assert not any(hasattr(m, "parametrizations") for m in result.model.modules())  # baked
     assert (teacher.fc1.weight == 0).float().mean().item() < 0.01  # the teacher is untouched
+
+
+def test_sparsity_through_search_front_and_select(tmp_path, capsys):
+    """A search over sparsity with the zipped artifact as an objective; front and select rebuild the member."""
+    data = tiny_experiment_dict(tmp_path / "tiny", sampler="random")
+    data["space"]["sparsity"] = {"enabled": True, "fractions": [0.0, 0.75]}
+    data["objectives"] = ["accuracy", "latency", "compressed_size"]
+    data["search"]["early_stop"] = {"enabled": False}
+    path = tmp_path / "sparse.yaml"
+    path.write_text(yaml.safe_dump(data))
+    exp = load_experiment(path)
+    result = run_search(exp, log=lambda _: None)
+    assert result.finished == exp.search.n_trials and result.fronts["host"]
+    assert result.teacher["compressed_size_bytes"] > 0
+    members = result.fronts["host"]
+    assert all(m.compressed_size_bytes > 0 for m in members)
+    assert any(any(k.startswith("sparsity/") and v > 0 for k, v in m.candidate.items()) for m in members)
+
+    assert main(["front", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "zip kB" in out and "sparse 0.75-0.75" in out
+
+    assert main(["select", str(path), "--profile", "host", "--max-latency-ms", "1000"]) == 0
+    card_path = next((tmp_path / "tiny").glob("*/selected-host/model_card.json"))
+    card = json.loads(card_path.read_text())
+    searched, remeasured = card["metrics"]["searched"], card["metrics"]["remeasured"]
+    assert remeasured["compressed_size_bytes"] == searched["compressed_size_bytes"]  # the rebuild is the member
+    state = torch.load(card_path.parent / "state_dict.pt")
+    for param, fraction in card["candidate"]["params"].items():
+        if param.startswith("sparsity/") and fraction > 0:
+            weight = state[f"{param.split('/', 1)[1]}.weight"]
+            assert (weight == 0).float().mean().item() >= fraction - 1e-6, param

@@ -126,6 +126,15 @@ class Runtime(ABC):
         count for runtimes that fix it when the model is loaded.
         """
 
+    def artifact(self, runnable: Any, workdir: str | Path) -> Path:
+        """The file a :meth:`deploy` result ships as (written under ``workdir`` if it is not a file yet):
+        what the zipped artifact size measures. Default: the module's ``state_dict`` saved with torch."""
+        import torch
+
+        path = Path(workdir) / "state_dict.pt"
+        torch.save(runnable.state_dict(), path)
+        return path
+
     def measure(
         self, runnable: Any, example_input: torch.Tensor, *, threads: int = 1, warmup: int = 10, repeats: int = 50
     ) -> Latency:

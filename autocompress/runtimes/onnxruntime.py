@@ -48,6 +48,10 @@ class OnnxRuntime(Runtime):
         ``model.int8.onnx`` when a layer has 8 bits); ``threads`` is fixed in the session."""
         return ort_deploy.deploy(model, bits, example_input, calibration, workdir, threads).model
 
+    def artifact(self, runnable: ort_deploy.OrtModel, workdir: str | Path) -> Path:
+        """The ONNX file the session runs (``model.int8.onnx`` when a layer is int8)."""
+        return runnable.path
+
     def units(
         self, model: nn.Module, example_input: torch.Tensor, bits: dict[str, int] | None, threads: int
     ) -> list[ProfileUnit]:

@@ -20,7 +20,7 @@ from torch import nn
 from autocompress.compress.pipeline import Compressed, PipelineSettings, apply, finetune_student, prepare_student
 from autocompress.compress.quantize import plain_copy
 from autocompress.config import Experiment, LatencyConfig, profile_id
-from autocompress.evaluators import count_parameters, evaluate, model_size_bytes
+from autocompress.evaluators import compressed_size_bytes, count_parameters, evaluate, model_size_bytes
 from autocompress.hw_profiles.predictor import ProfileMismatchWarning, predict
 from autocompress.hw_profiles.profile import Profile, load_profile, resolve_profile_path
 from autocompress.runtimes import get_runtime
@@ -30,7 +30,7 @@ from autocompress.techniques import techniques
 
 HOST = "host"  # the latency profile "measured on this machine"
 
-DIRECTIONS = {"accuracy": "maximize", "latency": "minimize", "size": "minimize"}
+DIRECTIONS = {"accuracy": "maximize", "latency": "minimize", "size": "minimize", "compressed_size": "minimize"}
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,13 @@ class Metrics:
     latency_p90_ms: dict[str, float]
     size_bytes: int
     params: int
+    compressed_size_bytes: int | None = None  # the deployed file zipped (None: not deployed yet)
 
     def as_dict(self) -> dict[str, float]:
         """Flat metric names as logged to MLflow (``latency_ms.host`` ...)."""
         flat = {"accuracy": self.accuracy, "size_bytes": float(self.size_bytes), "params": float(self.params)}
+        if self.compressed_size_bytes is not None:
+            flat["compressed_size_bytes"] = float(self.compressed_size_bytes)
         flat.update({f"latency_ms.{k}": v for k, v in self.latency_ms.items()})
         flat.update({f"latency_p90_ms.{k}": v for k, v in self.latency_p90_ms.items()})
         return flat
@@ -125,21 +128,25 @@ def predicted_latency(model: nn.Module, bits: dict[str, int], ctx: TrialContext)
 
 def _run(
     model: nn.Module, bits: dict[str, int], ctx: TrialContext, *, accuracy: bool, latency: bool
-) -> tuple[float | None, Any]:
+) -> tuple[float | None, Any, int | None]:
+    """Deploy ``model`` on the host's runtime; its accuracy and zipped artifact bytes if ``accuracy``
+    (the weights are final then), its latency if ``latency``."""
     settings = ctx.latency
+    runtime = get_runtime(settings.runtime)
     with tempfile.TemporaryDirectory(prefix="autocompress-deploy-") as workdir:
         executable = runnable(model, bits, ctx, workdir)
         acc = evaluate(executable, ctx.task.loader("val", 256), ctx.task.metric) if accuracy else None
+        zipped = compressed_size_bytes(runtime.artifact(executable, workdir)) if accuracy else None
         lat = None
         if latency:
-            lat = get_runtime(settings.runtime).measure(
+            lat = runtime.measure(
                 executable,
                 ctx.task.example_input(settings.batch_size),
                 threads=settings.threads,
                 warmup=settings.warmup,
                 repeats=settings.repeats,
             )
-    return acc, lat
+    return acc, lat, zipped
 
 
 def _cost(model: nn.Module, bits: dict[str, int], lat: Any, ctx: TrialContext) -> Cost:
@@ -159,13 +166,13 @@ def measure_cost(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> C
     of ``model``; its weights do not matter."""
     plain, lat = plain_copy(model), None
     if ctx.latency.measure_host:
-        _, lat = _run(plain, bits, ctx, accuracy=False, latency=True)
+        _, lat, _ = _run(plain, bits, ctx, accuracy=False, latency=True)
     return _cost(plain, bits, lat, ctx)
 
 
-def metrics_from(accuracy: float, cost: Cost) -> Metrics:
-    """Combine a measured accuracy and cost into :class:`Metrics`."""
-    return Metrics(accuracy, cost.latency_ms, cost.latency_p90_ms, cost.size_bytes, cost.params)
+def metrics_from(accuracy: float, cost: Cost, compressed_size: int | None = None) -> Metrics:
+    """Combine a measured accuracy, cost and (once deployed) zipped artifact size into :class:`Metrics`."""
+    return Metrics(accuracy, cost.latency_ms, cost.latency_p90_ms, cost.size_bytes, cost.params, compressed_size)
 
 
 def measure(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> Metrics:
@@ -174,8 +181,8 @@ def measure(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> Metric
     Accuracy and latency are both measured on :func:`runnable` (for ``onnxruntime``, the deployed
     model with real int8 kernels), so what is scored is what would ship.
     """
-    acc, lat = _run(model, bits, ctx, accuracy=True, latency=ctx.latency.measure_host)
-    return metrics_from(acc, _cost(model, bits, lat, ctx))
+    acc, lat, zipped = _run(model, bits, ctx, accuracy=True, latency=ctx.latency.measure_host)
+    return metrics_from(acc, _cost(model, bits, lat, ctx), zipped)
 
 
 def build_candidate(
@@ -223,14 +230,19 @@ def score_candidate(
         evaluate=lambda m: evaluate(m, val, ctx.task.metric),
         on_epoch=None if on_epoch is None else (lambda epoch, acc: on_epoch(epoch, acc, cost)),
     )
-    accuracy, _ = _run(compressed.model, compressed.bits, ctx, accuracy=True, latency=False)
-    return compressed.model, metrics_from(accuracy, cost)
+    accuracy, _, zipped = _run(compressed.model, compressed.bits, ctx, accuracy=True, latency=False)
+    return compressed.model, metrics_from(accuracy, cost, zipped)
 
 
 def objective_values(metrics: Metrics, objectives: list[str], profile: str) -> list[float]:
     """The study's objective vector, in the experiment's order (directions in ``DIRECTIONS``);
     latency is the one on ``profile`` (the experiment's primary profile)."""
-    table = {"accuracy": metrics.accuracy, "latency": metrics.latency_ms[profile], "size": float(metrics.size_bytes)}
+    table = {
+        "accuracy": metrics.accuracy,
+        "latency": metrics.latency_ms[profile],
+        "size": float(metrics.size_bytes),
+        "compressed_size": float("nan" if metrics.compressed_size_bytes is None else metrics.compressed_size_bytes),
+    }
     values = [table[name] for name in objectives]
     if not all(torch.isfinite(torch.tensor(values))):
         raise ValueError(f"non-finite objective values {values}")

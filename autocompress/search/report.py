@@ -13,7 +13,12 @@ import numpy as np
 from autocompress.search.pareto import hypervolume, non_dominated
 from autocompress.spaces.candidate import Candidate
 
-COLUMNS = {"accuracy": "accuracy", "latency": "latency_ms", "size": "size_bytes"}
+COLUMNS = {
+    "accuracy": "accuracy",
+    "latency": "latency_ms",
+    "size": "size_bytes",
+    "compressed_size": "compressed_size_bytes",
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class Row:
     compression: float  # teacher size / size
     summary: str
     candidate: dict[str, Any]
+    compressed_size_bytes: float = float("nan")  # the deployed file zipped (NaN: not recorded)
 
 
 def make_rows(records: Sequence[TrialRecord], teacher: dict[str, float], profile: str) -> list[Row]:
@@ -74,6 +80,7 @@ def make_rows(records: Sequence[TrialRecord], teacher: dict[str, float], profile
                 compression=teacher["size_bytes"] / m["size_bytes"] if m["size_bytes"] else float("nan"),
                 summary=Candidate.from_params(t.params).describe(),
                 candidate=dict(t.params),
+                compressed_size_bytes=m.get("compressed_size_bytes", float("nan")),
             )
         )
     return rows
@@ -111,26 +118,34 @@ def front_hypervolume(rows: Sequence[Row], teacher: dict[str, float], objectives
         "accuracy": lambda r: (t_acc - r.accuracy) / HV_ACCURACY_WINDOW,
         "latency": lambda r: r.latency_ms / t_lat,
         "size": lambda r: r.size_bytes / t_size,
+        "compressed_size": lambda r: r.compressed_size_bytes / teacher["compressed_size_bytes"],
     }
     costs = np.array([[columns[o](r) for o in objectives] for r in rows]).reshape(-1, len(objectives))
     return hypervolume(costs, [1.0] * len(objectives))
 
 
-def format_table(rows: list[Row], teacher: dict[str, float], profile: str) -> str:
-    """A fixed-width table of front rows with the teacher as the first line."""
+def format_table(rows: list[Row], teacher: dict[str, float], profile: str, zipped: bool = False) -> str:
+    """A fixed-width table of front rows with the teacher as the first line; ``zipped`` adds the
+    deployed file's zipped size (when ``compressed_size`` is an objective)."""
     header = (
         f"{'trial':>6} {'accuracy':>9} {'Δacc pt':>8} {'latency ms':>11} {'speedup':>8} "
-        f"{'size kB':>9} {'x smaller':>9}  candidate"
+        f"{'size kB':>9} {'x smaller':>9}" + (f" {'zip kB':>8}" if zipped else "") + "  candidate"
     )
     lines = [header, "-" * len(header)]
+
+    def zip_cell(value: float) -> str:
+        return f" {value / 1e3:8.1f}" if zipped else ""
+
     lines.append(
         f"{'teacher':>6} {teacher['accuracy']:9.4f} {0.0:8.2f} {teacher[f'latency_ms.{profile}']:11.3f} "
-        f"{1.0:7.2f}x {teacher['size_bytes'] / 1e3:9.1f} {1.0:8.1f}x  uncompressed"
+        f"{1.0:7.2f}x {teacher['size_bytes'] / 1e3:9.1f} {1.0:8.1f}x"
+        + zip_cell(teacher.get("compressed_size_bytes", float("nan")))
+        + "  uncompressed"
     )
     for r in rows:
         lines.append(
             f"{r.trial:>6} {r.accuracy:9.4f} {r.accuracy_delta:8.2f} {r.latency_ms:11.3f} {r.speedup:7.2f}x "
-            f"{r.size_bytes / 1e3:9.1f} {r.compression:8.1f}x  {r.summary}"
+            f"{r.size_bytes / 1e3:9.1f} {r.compression:8.1f}x" + zip_cell(r.compressed_size_bytes) + f"  {r.summary}"
         )
     return "\n".join(lines)
 
@@ -146,6 +161,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
         "speedup",
         "size_bytes",
         "compression",
+        "compressed_size_bytes",
         "params",
         "summary",
     ]

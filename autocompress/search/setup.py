@@ -248,5 +248,5 @@ def publish_fronts(
             f"\nPareto front on profile '{profile}' ({len(front)} of {len(records)} trials; "
             f"objectives: {', '.join(exp.objectives)}; hypervolume {volume:.4f} vs the teacher reference):"
         )
-        log(format_table(front, teacher, profile))
+        log(format_table(front, teacher, profile, zipped="compressed_size" in exp.objectives))
     return fronts, artifacts

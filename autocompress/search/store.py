@@ -105,7 +105,7 @@ def trial_records_from_runs(runs: Sequence[Run]) -> list[TrialRecord]:
         metrics = {
             k: v
             for k, v in run.data.metrics.items()
-            if k in _RECORD_METRICS or k.startswith(("latency_ms.", "latency_p90_ms."))
+            if k in (*_RECORD_METRICS, "compressed_size_bytes") or k.startswith(("latency_ms.", "latency_p90_ms."))
         }
         if not set(_RECORD_METRICS) <= metrics.keys():
             continue  # marked complete but its figures never arrived (a crash between the two writes)

@@ -16,6 +16,7 @@ from autocompress.tasks.base import Metric, Task
 
 __all__ = ["BUILTIN_TASKS", "Metric", "Task", "load_task", "resolve_task_factory"]
 
+
 def _builtin_tasks() -> dict[str, Callable[..., Task]]:
     from autocompress.tasks.digits import digits_task
     from autocompress.tasks.mnist1d import mnist1d_task
