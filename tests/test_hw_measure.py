@@ -200,6 +200,7 @@ def test_tiny_measure_and_validate(experiment, target, tmp_path, capsys, monkeyp
     assert faked.drift.max_abs_error_pct == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_killed_measurement_resumes(target, tmp_path, monkeypatch):
     out = tmp_path / "resume.json"
     real_time = measure_mod.time_in_passes
@@ -231,6 +232,7 @@ def test_resume_refuses_another_setup(target, tmp_path, capsys):
         measure_profile(target, out, MeasureSettings(cpu=None, threads=2, **FAST), log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_tiny_onnxruntime_measure_and_validate(tmp_path, monkeypatch):
     """The ONNX Runtime path end to end on a very small space (int8 on or off for two layers)."""
     exp = tmp_path / "ort.yaml"

@@ -166,6 +166,7 @@ def logged(server):
     return url, exp, result
 
 
+@pytest.mark.slow
 def test_server_listens_on_loopback_only(server):
     url, _ = server
     port = int(url.rsplit(":", 1)[1])
@@ -173,6 +174,7 @@ def test_server_listens_on_loopback_only(server):
     assert addresses and all(table == "/proc/net/tcp" and addr == LOOPBACK_HEX for table, addr in addresses)
 
 
+@pytest.mark.slow
 def test_search_record_is_readable_through_the_rest_api(logged):
     url, exp, result = logged
     api = f"{url}/api/2.0/mlflow"
@@ -220,6 +222,7 @@ def test_search_record_is_readable_through_the_rest_api(logged):
     assert [int(r["trial"]) for r in rows] == [r.trial for r in front]
 
 
+@pytest.mark.slow
 def test_front_reads_the_search_back_from_the_server(logged, capsys):
     url, _, result = logged
     assert main(["front", result.parent_run_id, "--tracking-uri", url]) == 0
@@ -259,6 +262,7 @@ def _read_line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
     return line
 
 
+@pytest.mark.slow
 def test_ui_serves_the_experiment_store_on_localhost_until_stopped(tmp_path):
     data = tiny_experiment_dict(tmp_path / "tiny")
     path = tmp_path / "tiny.yaml"

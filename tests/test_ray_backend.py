@@ -88,6 +88,7 @@ def both_backends(tmp_path_factory, local_ray):
     return ray_exp, ray_result, logs, optuna_exp, optuna_result
 
 
+@pytest.mark.slow
 def test_ray_search_records_every_trial_in_mlflow_and_fronts_the_complete_ones(both_backends):
     exp, result, logs, _, _ = both_backends
     assert ray.is_initialized()  # joined the test's instance and left it running
@@ -141,6 +142,7 @@ def test_ray_search_records_every_trial_in_mlflow_and_fronts_the_complete_ones(b
     assert (exp.out_dir / "ray" / result.study_name).is_dir()
 
 
+@pytest.mark.slow
 def test_ray_and_optuna_fronts_have_the_same_shape(both_backends):
     ray_exp, ray_result, _, optuna_exp, optuna_result = both_backends
     client = MlflowClient(tracking_uri=ray_exp.tracking_uri)

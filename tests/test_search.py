@@ -174,6 +174,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_trial_then_resume_ends_with_exactly_n_trials(tmp_path):
     n_trials = 4
     # Early stop off: the re-run of the killed trial must run to its end, not be stopped as hopeless.
@@ -229,6 +230,7 @@ def test_sigkill_mid_trial_then_resume_ends_with_exactly_n_trials(tmp_path):
     assert client.get_run(interrupted.user_attrs["mlflow_run_id"]).info.status == "KILLED"
 
 
+@pytest.mark.slow
 def test_parallel_workers_share_the_study_without_lost_or_extra_trials(tmp_path):
     n_trials = 8
     data = tiny_experiment_dict(tmp_path / "par", n_trials=n_trials, workers=2, early_stop={"enabled": False})
