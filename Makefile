@@ -1,9 +1,10 @@
 # Two commands on a fresh clone: `make demo` runs the default search, `make test` the checks.
+# `make test` = ruff + the default suite (tests not marked slow); `make test-slow` = the slow end-to-end tests.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test test-slow install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,10 @@ demo: install
 test: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The long end-to-end tests (parallel workers, SIGKILL + resume, Ray, MLflow server, profile measurement).
+test-slow: install-dev
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
