@@ -339,6 +339,7 @@ def eager_profile(tmp_path_factory):
     return root / f"{PROFILE}.json"
 
 
+@pytest.mark.slow
 def test_ray_budgets_mark_trials_reach_the_searchers_study_and_front_the_feasible_ones(
     tmp_path, local_ray, eager_profile, monkeypatch
 ):
