@@ -13,8 +13,8 @@ quantized input even when it runs fp32, and an int8 last layer returns logits on
 Why uint8 activations (QUInt8) rather than int8: the x86 integer dot-product instructions the CPU kernels use
 (AVX2 ``vpmaddubsw``, VNNI ``vpdpbusd``) multiply unsigned by signed bytes; after a ReLU the range is
 ``[0, max]``, which uint8 covers with zero point 0; and torch's ``quint8`` observers mirror it directly.
-With asymmetric ranges both types have 256 levels, so accuracy is the same, and on this machine (AVX-512
-VNNI) the digits CNN ran equally fast with either (0.24 ms at batch 1, one thread).
+With asymmetric ranges both types have 256 levels, so accuracy is the same, and on a CPU with VNNI the
+speed is the same too.
 
 Only 8 bits has kernels in ORT CPU. Layers asked for 2..7 bits are left fp32 in the deployed graph (their
 weights are the already rounded values, so accuracy matches the simulation, but nothing runs faster); their
@@ -170,7 +170,7 @@ def _quantize(
             nodes_to_exclude=exclude_nodes,
             # No "CalibMaxIntermediateOutputs": ORT's MinMax calibrator keeps only a per-batch ReduceMin/ReduceMax
             # of each tensor, so memory is not the issue, and in ORT 1.32 that option gave narrower ranges than
-            # the global min/max (measured on the digits CNN), breaking parity with the torch observers.
+            # the global min/max, breaking parity with the torch observers.
         )
     fold_fp32_constants(out_path, set(exclude_nodes))
     return out_path
@@ -183,7 +183,7 @@ def fold_fp32_constants(onnx_path: Path, fp32_nodes: set[str]) -> int:
     constants between layers (two zero biases become one initializer), so a Conv told to stay fp32
     can end up reading its bias through a ``DequantizeLinear`` too. ORT then sees a Conv whose bias is
     computed at run time, cannot pre-pack it into its blocked NCHWc layout and falls back to a plain
-    ``FusedConv``: on the digits CNN such an fp32 convolution ran 2.3x slower (137 us against 58 us).
+    ``FusedConv``, much slower than the pre-packed one.
     The float value is the dequantized one ORT computed anyway, so the numbers do not change. A
     ``DequantizeLinear`` left without readers is removed. Rewrites ``onnx_path`` in place; returns the
     number of fp32 nodes rewired.

@@ -13,8 +13,7 @@ pass over the float model (torch's ``MinMaxObserver`` computes them with ORT's f
 to even (``torch.fake_quantize_per_tensor_affine``, no hand-written rounding). Symmetric per-channel int8
 weights (``PerChannelWeightFakeQuant`` at 8 bits) are exactly ORT's weight scheme, and per-channel
 symmetric rounding commutes with the per-channel scaling of a folded BatchNorm, so the simulation keeps BN
-unfolded. On the digits CNN the simulated and the real int8 logits differ by ~0.012 on average (logits
-span ~30), i.e. by rounding noise.
+unfolded. The simulated and the real int8 logits then differ by rounding noise only.
 """
 
 from __future__ import annotations
@@ -55,11 +54,11 @@ def int8_weight_qmax() -> int:
     """The largest int8 weight magnitude ONNX Runtime's CPU kernels multiply exactly on this host.
 
     ORT multiplies uint8 activations by int8 weights with ``vpmaddubsw`` on x86 CPUs without VNNI,
-    which adds pairs of products into int16 with saturation: 255 * 127 * 2 overflows, and on such a
-    CPU (an AVX2-only AMD EPYC) the all-int8 digits CNN agreed with its own simulation on 77% of
-    predictions. ORT's remedy is ``reduce_range`` (weights in [-64, 64]); the weight fake-quant of an
-    8-bit layer then uses the same range, so simulation and deployment stay identical. 127 on CPUs
-    with VNNI (``vpdpbusd`` accumulates in int32) and off x86.
+    which adds pairs of products into int16 with saturation: 255 * 127 * 2 overflows, so on such a
+    CPU an all-int8 model's predictions disagree with its own simulation. ORT's remedy is
+    ``reduce_range`` (weights in [-64, 64]); the weight fake-quant of an 8-bit layer then uses the
+    same range, so simulation and deployment stay identical. 127 on CPUs with VNNI (``vpdpbusd``
+    accumulates in int32) and off x86.
     """
     forced = os.environ.get(REDUCE_RANGE_ENV)
     if forced in ("0", "1"):

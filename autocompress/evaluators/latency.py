@@ -120,11 +120,9 @@ def time_callable(
     return best
 
 
-# How many round-robin passes :func:`time_in_passes` makes by default. On the shared 2-core VM the
-# shipped profiles come from, the machine's speed moves by several percent within seconds, and a
-# candidate's 30 repeats fall into one such state, so one pass is not enough: with the lowest pass
-# as the figure (before the mean), 2 passes reproduced a candidate's latency to a median 4.6%
-# between two interleaved sets of passes (MNIST-1D CNN, 258 candidates), 5 passes to 2.0%.
+# How many round-robin passes :func:`time_in_passes` makes by default. On a shared VM the machine's
+# speed moves within seconds, and a candidate's repeats fall into one such state, so one pass is not
+# enough: more passes reproduce a candidate's latency more closely between two interleaved sets.
 # Isolated operators (LUT entries) get LUT_PASSES: there are hundreds.
 END_TO_END_PASSES = 5
 LUT_PASSES = 3
@@ -147,12 +145,9 @@ def time_in_passes(
 
     Interleaving spreads every callable's samples over the whole run, so a slow spell of a shared
     machine has to hit the same callable in every pass to skew it. The mean, not the quietest pass:
-    the VM's speed wanders both ways by up to ~12% from pass to pass, and the lowest of 5 passes
-    caught a fast moment for some candidates and not for others. Timing 40 random candidates in 10
-    interleaved passes and comparing the two halves (5 passes each, after removing their common
-    ratio), the mean reproduced a candidate to a median 1.2-2.6% and p90 2.3-6.7%, the lowest pass
-    to 2.6-4.3% and 5.1-12.6% (digits CNN eager and ONNX Runtime, MNIST-1D and ResNet-18 eager).
-    The timing arguments go to :func:`time_callable`; ``on_step(pass, index)`` is called after
+    a shared VM's speed wanders both ways from pass to pass, and the lowest pass catches a fast
+    moment for some candidates and not for others, so the mean reproduces a candidate's latency more
+    closely. The timing arguments go to :func:`time_callable`; ``on_step(pass, index)`` is called after
     each timing (for progress output).
     """
     if passes < 1:

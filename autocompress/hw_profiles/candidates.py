@@ -2,7 +2,7 @@
 
 Latency depends on a candidate's shapes, not on its weights, so profiling needs the pruned shapes
 of many candidates but none of the fine-tuning. Running the real pruner per candidate costs
-seconds (it rebuilds the dependency graph: ~2.5 s for ResNet-18), so :class:`CandidateBuilder`
+seconds (it rebuilds the dependency graph), so :class:`CandidateBuilder`
 asks it once per prune group instead: prune that group alone at its largest ratio and record
 which dimension of which parameter or buffer shrank, and by what multiple of the group's channels
 (a Linear after a flatten sees ``channels x positions`` inputs). A candidate is then built by
@@ -186,7 +186,7 @@ class CandidateBuilder:
         """The candidate's model (pruned shapes, factorized layers) in eval mode, and its per-layer bits.
 
         Its parameters are ordinary tensors even when called in inference mode: a model built with
-        inference-mode parameters runs a few percent faster than any loaded, deployed model.
+        inference-mode parameters runs faster than any loaded, deployed model.
         """
         model = self._pruned(candidate.get(PRUNE))
         ctx = BuildContext(example_input=self.example_input, calibration=_no_calibration)

@@ -452,8 +452,8 @@ def build_unit(sig: OpSignature) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """A fresh module that runs exactly the unit ``sig`` describes, and random inputs for it.
 
     The module's parameters are ordinary tensors even when this is called in inference mode, as a
-    deployed model's are (parameters created in inference mode skip autograd bookkeeping and ran
-    the MNIST-1D CNN ~6% faster, which no loaded model does); the inputs are made in the caller's
+    deployed model's are (parameters created in inference mode skip autograd bookkeeping and run
+    faster than any loaded model does); the inputs are made in the caller's
     mode, as a layer's input is inside an inference-mode forward.
     """
     with torch.inference_mode(False):

@@ -4,11 +4,11 @@
    fractions, and int8-or-not per layer where int8 has kernels): all of them when there are at most
    ``pool`` (the digits CNN's 4096 prune combinations), else the uncompressed and the most
    compressed candidate plus ``pool`` random ones. A structural runtime's signatures (torch eager)
-   are read from each candidate's shape alone (a ``meta``-device model, ~10 ms), so the enumeration
+   are read from each candidate's shape alone (a ``meta``-device model, cheap), so the enumeration
    is exhaustive over the pool. Other runtimes' signatures (ONNX Runtime) need a real deployment
-   per candidate (~0.5 s), so a subset is chosen greedily to cover every (eager unit signature,
-   own/neighbour int8-ness) combination the pool shows, the things ORT's node choice depends on;
-   only those are deployed.
+   per candidate (export, quantize, optimize: far slower), so a subset is chosen greedily to
+   cover every (eager unit signature, own/neighbour int8-ness) combination the pool shows, the
+   things ORT's node choice depends on; only those are deployed.
 2. Measure each new signature in isolation (:func:`~autocompress.evaluators.latency.time_in_passes`:
    warm-up, fixed threads, median of repeats, re-measured when noisy, the mean over
    ``LUT_PASSES`` interleaved passes over a chunk of ``LUT_CHUNK`` units), pinned to one CPU. The
@@ -399,10 +399,9 @@ def time_end_to_end(
     """End-to-end median ms of each (model, bits) on ``settings.runtime``, and a probe reading, timed
     in a fresh spawned process (calibration and ``profile validate`` both time this way).
 
-    A long-lived process is not the process a deployed model runs in: one that had built and run
-    hundreds of one-operator ORT sessions ran the calibration candidates ~9% slower than a fresh one,
-    and the digits CNN's candidates ran 0-15% slower in the process that built them than in a fresh
-    child (three interleaved comparisons), which read as a negative bias of the eager profile. Each
+    A long-lived process is not the process a deployed model runs in: one that has built and run
+    hundreds of one-operator ORT sessions, or has built the candidates itself, runs them slower than
+    a fresh one, which would read as a bias of the profile. Each
     candidate is timed in ``END_TO_END_PASSES`` round-robin passes, averaging its per-pass medians
     (:func:`time_in_passes`); the child draws its own progress line (``label``) on stderr.
     """

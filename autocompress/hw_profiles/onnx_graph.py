@@ -15,7 +15,8 @@ initializers (already reordered weights, scales, zero points) copied from the op
 random inputs of the recorded shapes and dtypes, run with graph optimizations off so ORT does not
 rewrite it again. That is the "fused at deploy time" unit: ORT's own fusion decides it.
 
-The price is speed: exporting, quantizing and optimizing a candidate takes 0.1-1 s. Predictions
+The price is speed: exporting, quantizing and optimizing a candidate is far slower than a LUT
+look-up. Predictions
 therefore go through the profile's unit map (:mod:`.ort_map`), learned from these graphs while
 measuring, and come back here only for a candidate the map cannot vouch for.
 """

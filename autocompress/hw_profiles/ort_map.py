@@ -1,7 +1,7 @@
 """Fast ONNX Runtime prediction: which ORT nodes each eager unit becomes, learned while measuring.
 
-Reading ORT's optimized graph means deploying the candidate (export, quantize, optimize: 0.1-1 s),
-far too slow to predict every trial. But ORT's choice of nodes for one part of a model is local:
+Reading ORT's optimized graph means deploying the candidate (export, quantize, optimize), far too
+slow to predict every trial. But ORT's choice of nodes for one part of a model is local:
 it depends on that part's shapes, on whether it and its neighbouring layers are int8, and on the
 channel counts modulo the NCHWc block. So every candidate deployed during ``profile measure`` also
 teaches the profile a map from each eager unit to the ORT nodes it became:

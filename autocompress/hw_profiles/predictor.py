@@ -5,13 +5,12 @@
 Isolated timing misses what happens *between* operators and around the model call (dispatch
 between modules, container ``forward`` calls, the session run and tensor conversion), and it runs
 each operator with its weights hot in cache, which a model larger than the cache never does
-(ResNet-18's 45 MB of weights stream from L3 on every call: its convolutions ran ~20% slower in the
-model than alone on the machine the shipped profiles come from). So the overhead terms are fitted
-by least squares on end-to-end measurements of a handful of random candidates
-(:func:`fit_overhead`). The scale is per operator kind for the kinds that carry much of a model's
-time: on the digits CNN, convolutions ran ~1.3x slower in the model than alone and max-pools ~0.7x
-(post-ReLU input instead of random data explains ~6 points of the latter), so one scale for both
-left a per-candidate error of ~5% that followed the mix of the two. The fit minimises *relative*
+(its weights stream from memory on every call, so its convolutions run slower in the model than
+alone). So the overhead terms are fitted by least squares on end-to-end measurements of a handful
+of random candidates (:func:`fit_overhead`). The scale is per operator kind for the kinds that
+carry much of a model's time: inside a model one kind can run slower than alone while another runs
+faster (a max-pool sees post-ReLU input instead of random data), so one scale for all would leave a
+per-candidate error that follows the mix of the kinds. The fit minimises *relative*
 error (rows weighted by 1/measured), which is what the validation reports. The per-op term is only
 identifiable when the operator count varies between candidates of one model (int8 layers add
 quantize nodes, low-rank adds layers); when it does not, it is fixed at 0 and the per-model
@@ -419,7 +418,7 @@ def _map_prediction(
         squares += (max(sums) - min(sums)) ** 2
     # Each unit's doubt is a layout choice in its own neighbourhood: independent, so they add in
     # quadrature. (Added linearly they refused ResNet-18 candidates whose dominant node lists were
-    # within 0.2% median, 2.8% max, of the deployed graph's LUT sum.)
+    # close to the deployed graph's LUT sum.)
     return ops if squares**0.5 <= MAP_SLACK * sum(op.ms for op in ops) else None
 
 
@@ -430,9 +429,9 @@ def predict(
 
     ``model`` is the compressed, plain ``nn.Module`` a trial produced; ``bits`` (layer -> bit-width)
     matters only on a runtime with int8 kernels (ONNX Runtime), where 8-bit layers are deployed as
-    int8. Torch eager: about a millisecond (the model's structure is traced once and cached).
+    int8. Torch eager: LUT look-ups only (the model's structure is traced once and cached).
     ONNX Runtime: the same, through the profile's unit map (:mod:`.ort_map`) when it knows every
-    unit; otherwise the candidate is deployed and ORT-optimized to read its real nodes (0.1-1 s).
+    unit; otherwise the candidate is deployed and ORT-optimized to read its real nodes (far slower).
     ``Prediction.source`` says which.
     Warns (:class:`ProfileMismatchWarning`) when the profile comes from another CPU or runtime
     version; raises :class:`UnpredictableSignature` for an operator it cannot predict.

@@ -1,8 +1,8 @@
 """Machine-state probe: two fixed workloads timed next to every calibration and validation.
 
-A shared or throttled machine does not run at one speed: on the 2-core VM the shipped profiles
-come from, the same isolated operators measured ~19% faster one afternoon than two hours earlier,
-small dispatch-bound ones most (up to 34%), large convolutions hardly at all. A validation run
+A shared or throttled machine does not run at one speed: the same isolated operators can time
+differently a few hours apart, small dispatch-bound ones most, large convolutions hardly at all.
+A validation run
 then mixes the predictor's error with the machine's drift since the profile was measured. The probe
 separates the two: a *dispatch* workload (a stack of tiny ``nn.Linear`` layers, batch 1: Python
 and framework overhead) and a *compute* workload (one 3x3 convolution, 64 channels at 32x32:

@@ -9,17 +9,15 @@ The report is the table (printed and CSV), the error summary (median, p90, max o
 percentage error), a predicted-vs-measured scatter plot (PNG) and a JSON summary; the function
 returns it all so a caller (the search's MLflow logging) can attach the files.
 
-The machine itself moves: on the 2-core VM the shipped profiles come from, the same calibration
-candidates, timed the same way, ran 11-19% slower 40 minutes after calibration, and a profile
-validated right after it was measured saw them run from 13% faster to 13% slower, minutes apart.
-So the profile's own calibration candidates of the model (up to :data:`REFERENCES`) are re-timed
-too, spread through the same passes as the validation candidates; their latency now
-against their latency at calibration is the machine's drift on this very model, and the report
+The machine itself moves: on a shared VM the same calibration candidates, timed the same way, run
+at a different speed some minutes after calibration, in either direction. So the profile's own
+calibration candidates of the model (up to :data:`REFERENCES`) are re-timed too, spread through
+the same passes as the validation candidates; their latency now against their latency at
+calibration is the machine's drift on this very model, and the report
 gives the error both as measured and with every prediction scaled by that drift
 (:class:`~autocompress.hw_profiles.profile.ReferenceDrift`). The raw error is what a reader gets
-from the profile today; the scaled one is the predictor's own. All of them, not a few: a median of
-8 reference ratios read +3.2% on ResNet-18 in a round whose validation candidates ran 2.8% faster
-than predicted (one reading; each ratio carries the timing noise of two runs).
+from the profile today; the scaled one is the predictor's own. All of them, not a few: each ratio
+carries the timing noise of two runs, and a median of a few ratios can point the wrong way.
 """
 
 from __future__ import annotations

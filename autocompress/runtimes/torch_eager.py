@@ -65,7 +65,7 @@ class TorchEager(Runtime):
     ) -> Iterator[Timed]:
         """``model(example_input)`` in eval mode."""
         if any(p.is_inference() for p in model.parameters()):
-            # Such a model runs a few % faster than a loaded one: timing it would flatter the profile.
+            # Such a model runs faster than a loaded one: timing it would flatter the profile.
             raise ValueError(f"{self.name}: timing a model whose parameters were created in inference mode")
         model.eval()
         yield lambda: model(example_input)

@@ -113,8 +113,8 @@ class Cost:
 def predicted_latency(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> dict[str, float]:
     """Latency of ``model`` on each of the context's hardware profiles, from their lookup tables (ms).
 
-    No timing: LUT look-ups (about a millisecond), or for an ONNX Runtime profile whose unit map does
-    not know the candidate, a deployment to read ORT's graph (0.1-1 s). An operator a profile
+    No timing: LUT look-ups (cheap), or for an ONNX Runtime profile whose unit map does not know the
+    candidate, a deployment to read ORT's graph (export, quantize, optimize: far slower). An operator a profile
     cannot predict raises :class:`~autocompress.hw_profiles.UnpredictableSignature` naming it, which
     fails the trial with that reason.
     """
