@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+
+from autocompress.compress.lowrank import _input_shapes_per_call, layer_macs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +42,10 @@ def tiny_experiment_dict(out_dir: Path, **search) -> dict:
         "search": {"n_trials": 4, "population_size": 2, **search},
         "tracking": {"uri": f"sqlite:///{out_dir / 'mlflow.db'}"},
     }
+
+
+def model_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Linear + convolution MACs per example, every call counted (attention matmuls, norms excluded)."""
+    modules = dict(model.named_modules())
+    calls = _input_shapes_per_call(model, example_input)
+    return sum(layer_macs(modules[name], shape) for name, shapes in calls.items() for shape in shapes)

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from autocompress.compress.distill import FeatureDistiller, TrainingDiverged, fit, kd_loss
-from autocompress.compress.lowrank import model_macs
 from autocompress.compress.pipeline import PipelineSettings, apply
 from autocompress.compress.prune import find_prune_groups, kept_channels, prune, useful_ratios
 from autocompress.compress.quantize import attach_weight_quant, bake_weights, weight_qmax
@@ -20,6 +19,7 @@ from autocompress.spaces import Candidate
 from autocompress.tasks import load_task
 from autocompress.tasks.digits import DigitsCNN
 from autocompress.tasks.mnist1d import MNIST1DCNN
+from tests.conftest import model_macs
 
 
 def _conv_weights(model):

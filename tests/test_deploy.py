@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,16 +13,17 @@ import torch
 from onnx import numpy_helper
 
 from autocompress.compress.deploy import (
+    COMPUTE_OP_TYPES,
+    INT8_OP_TYPES,
     Deployment,
     OrtModel,
+    _quantize,
     deploy,
     export_onnx,
     fold_fp32_constants,
-    int8_nodes,
     node_module,
     onnx_nodes_for,
     optimized_graph,
-    quantize_onnx,
 )
 from autocompress.compress.distill import fit
 from autocompress.compress.quantize import attach_activation_quant, attach_weight_quant
@@ -34,6 +37,43 @@ LAYERS = [*CONVS, "fc1", "fc2"]
 ALL_INT8 = dict.fromkeys(LAYERS, 8)
 # conv3 and fc2 stay fp32 behind int8 layers: the case where ORT hands an fp32 layer an int8 input.
 MIXED = {**ALL_INT8, "features.conv3.conv": 32, "fc2": 32}
+
+
+def quantize_onnx(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    calibration_batches: Iterable,
+    keep_fp32: Iterable[str] = (),
+    per_channel: bool = True,
+) -> Path:
+    """Statically quantize an fp32 ONNX model (QDQ, MinMax calibration on ``calibration_batches``).
+
+    Weights become int8 symmetric (per output channel unless ``per_channel=False``), activations uint8
+    asymmetric per tensor. ``keep_fp32`` are torch module names (``"features.conv1.conv"``, ``"fc2"``)
+    whose nodes, and their submodules' nodes, stay fp32; every other Conv/Gemm/MatMul is quantized.
+    Batches are input tensors or ``(input, target)`` pairs. Returns ``out_path``.
+    """
+    exclude = [n for nodes in onnx_nodes_for(fp32_path, keep_fp32).values() for n in nodes]
+    return _quantize(Path(fp32_path), Path(out_path), calibration_batches, exclude, per_channel)
+
+
+def int8_nodes(onnx_path: str | Path) -> list[str]:
+    """Nodes of an ONNX graph that compute in int8.
+
+    Counts integer ops (``QLinearConv``, ``ConvInteger``, ``QGemm``, ...) and, in a QDQ graph, each
+    Conv/Gemm/MatMul whose data input and weight both come from ``DequantizeLinear`` (the pattern ORT
+    fuses into an integer kernel).
+    """
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    found = []
+    for node in graph.node:
+        if node.op_type in INT8_OP_TYPES:
+            found.append(node.name)
+        elif node.op_type in COMPUTE_OP_TYPES and len(node.input) >= 2:
+            if all(producer.get(name) == "DequantizeLinear" for name in node.input[:2]):
+                found.append(node.name)
+    return found
 
 
 @pytest.fixture(scope="module", autouse=True)

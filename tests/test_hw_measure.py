@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -271,6 +272,22 @@ def test_profile_list_shows_shipped_profiles(capsys):
     assert "validated on DigitsCNN" in out and "validated on ResNetCifar" in out
 
 
+def mapped_keys(
+    unit_map: dict[str, list[UnitVariant]], model: nn.Module, input_shape: Sequence[int], bits: dict[str, int] | None
+) -> list[str] | None:
+    """The LUT keys of the ORT nodes ``model`` would run, from the map alone (per unit, its dominant
+    node list, instantiated); None if any unit's key is unknown or has no dominant node list."""
+    units = ort_map.mapped_variants(unit_map, model, input_shape, bits)
+    if units is None:
+        return None
+    keys: list[str] = []
+    for variants in units:
+        if not ort_map.dominant(variants):
+            return None
+        keys.extend(variants[0][1])
+    return keys
+
+
 def test_unit_map_learns_node_templates_that_carry_to_other_channel_counts():
     """One deployment teaches the map how every unit deploys, as templates over its channel counts: a
     model pruned to other counts is then predicted node for node without deploying it; a key seen
@@ -288,19 +305,19 @@ def test_unit_map_learns_node_templates_that_carry_to_other_channel_counts():
     first = unit_map[keys[0]][0]
     assert first.seen == 1 and any("{O}" in node for node in first.nodes)  # channel counts became symbols
     placed = ort_map.attribute(seen, units)
-    assert ort_map.mapped_keys(unit_map, seen, shape, bits) == [k for unit in placed for k in unit]
+    assert mapped_keys(unit_map, seen, shape, bits) == [k for unit in placed for k in unit]
     # The 64-channel model has the same keys (same remainders mod 16, same coincidences) and is
     # predicted exactly as it deploys.
     assert [key for key, _ in ort_map.unit_keys(other, shape, bits)] == keys
     deployed = ort_map.attribute(other, model_units(other, torch.randn(*shape), bits, 1))
-    assert ort_map.mapped_keys(unit_map, other, shape, bits) == [k for unit in deployed for k in unit]
+    assert mapped_keys(unit_map, other, shape, bits) == [k for unit in deployed for k in unit]
     # Dominance: a second way of deploying the first unit, seen as often, blocks the map; rarer, it does not.
     assert ort_map.learn(unit_map, seen, shape, bits, units) == 0 and first.seen == 2
     unit_map[keys[0]].append(UnitVariant(nodes=["other-node-list"], seen=2))
-    assert ort_map.mapped_keys(unit_map, seen, shape, bits) is None
+    assert mapped_keys(unit_map, seen, shape, bits) is None
     first.seen = 8
-    assert ort_map.mapped_keys(unit_map, seen, shape, bits)[: len(first.nodes)] == placed[0]
-    assert ort_map.mapped_keys(unit_map, seen, shape, None) is None  # fp32 units were never seen
+    assert mapped_keys(unit_map, seen, shape, bits)[: len(first.nodes)] == placed[0]
+    assert mapped_keys(unit_map, seen, shape, None) is None  # fp32 units were never seen
 
 
 def test_unit_graph_follows_data_flow_through_a_residual_block():

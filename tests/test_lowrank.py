@@ -14,9 +14,9 @@ from autocompress.compress.lowrank import (
     factorize,
     factorize_layer,
     layer_macs,
-    model_macs,
     useful_rank_fractions,
 )
+from tests.conftest import model_macs
 
 
 def n_params(module: nn.Module) -> int:

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from autocompress.compress.lowrank import Factorized, factorizable_layers, factorize, model_macs
+from autocompress.compress.lowrank import Factorized, factorizable_layers, factorize
 from autocompress.compress.prune import find_prune_groups, prune
 from autocompress.models import resnet18_cifar, tiny_transformer
+from tests.conftest import model_macs
 
 NUM_CLASSES = 10
 STAGE_POSITIONS = (32 * 32, 16 * 16, 8 * 8, 4 * 4)  # 3x32x32 input, stride 2 from stage 2 on

@@ -13,7 +13,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autocompress.compress.quantize import (
-    activation_quant_points,
+    INPUT_QUANT,
+    OUTPUT_QUANT,
+    ActivationFakeQuant,
     attach_activation_quant,
     attach_weight_quant,
     bake_weights,
@@ -26,6 +28,15 @@ from autocompress.tasks import load_task
 
 CONVS = [f"features.conv{i}.conv" for i in range(1, 6)]
 LAYERS = [*CONVS, "fc1", "fc2"]
+
+
+def activation_quant_points(model: nn.Module) -> dict[str, list[str]]:
+    """Where activation fake-quant sits: ``{"inputs": [layer, ...], "outputs": [module, ...]}``."""
+    named = list(model.named_modules())
+    return {
+        "inputs": [n for n, m in named if isinstance(getattr(m, INPUT_QUANT, None), ActivationFakeQuant)],
+        "outputs": [n for n, m in named if isinstance(getattr(m, OUTPUT_QUANT, None), ActivationFakeQuant)],
+    }
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -222,43 +222,6 @@ def fold_fp32_constants(onnx_path: Path, fp32_nodes: set[str]) -> int:
     return rewired
 
 
-def quantize_onnx(
-    fp32_path: str | Path,
-    out_path: str | Path,
-    calibration_batches: Iterable,
-    keep_fp32: Iterable[str] = (),
-    per_channel: bool = True,
-) -> Path:
-    """Statically quantize an fp32 ONNX model (QDQ, MinMax calibration on ``calibration_batches``).
-
-    Weights become int8 symmetric (per output channel unless ``per_channel=False``), activations uint8
-    asymmetric per tensor. ``keep_fp32`` are torch module names (``"features.conv1.conv"``, ``"fc2"``)
-    whose nodes, and their submodules' nodes, stay fp32; every other Conv/Gemm/MatMul is quantized.
-    Batches are input tensors or ``(input, target)`` pairs. Returns ``out_path``.
-    """
-    exclude = [n for nodes in onnx_nodes_for(fp32_path, keep_fp32).values() for n in nodes]
-    return _quantize(Path(fp32_path), Path(out_path), calibration_batches, exclude, per_channel)
-
-
-def int8_nodes(onnx_path: str | Path) -> list[str]:
-    """Nodes of an ONNX graph that compute in int8.
-
-    Counts integer ops (``QLinearConv``, ``ConvInteger``, ``QGemm``, ...) and, in a QDQ graph, each
-    Conv/Gemm/MatMul whose data input and weight both come from ``DequantizeLinear`` (the pattern ORT
-    fuses into an integer kernel).
-    """
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    producer = {out: node.op_type for node in graph.node for out in node.output}
-    found = []
-    for node in graph.node:
-        if node.op_type in INT8_OP_TYPES:
-            found.append(node.name)
-        elif node.op_type in COMPUTE_OP_TYPES and len(node.input) >= 2:
-            if all(producer.get(name) == "DequantizeLinear" for name in node.input[:2]):
-                found.append(node.name)
-    return found
-
-
 def session_options(threads: int = 1) -> ort.SessionOptions:
     """ORT CPU options for measurement: ``threads`` intra-op threads, one inter-op thread, sequential, all
     graph optimizations (the QDQ -> integer-kernel fusions are among them)."""

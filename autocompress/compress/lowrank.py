@@ -25,7 +25,7 @@ when that lowers its multiply-accumulates; otherwise (and at fraction 1.0) it is
 MACs are compared per output position. Without an input shape, a convolution's first 1x1
 layer is assumed to see ``prod(stride)`` input positions per output position (exact for "same"
 padding with sizes divisible by the stride); pass ``input_shape``/``example_input`` for exact
-counts. :func:`layer_macs` and :func:`model_macs` count only Linear and convolution MACs.
+counts. :func:`layer_macs` counts only Linear and convolution MACs.
 """
 
 from __future__ import annotations
@@ -130,13 +130,6 @@ def _input_shapes_per_call(model: nn.Module, example_input: torch.Tensor) -> dic
 def layer_input_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[str, tuple[int, ...]]:
     """Input shape (without batch) of every Linear/convolution at its first call, by module name."""
     return {name: calls[0] for name, calls in _input_shapes_per_call(model, example_input).items()}
-
-
-def model_macs(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Linear + convolution MACs per example, every call counted (attention matmuls, norms excluded)."""
-    modules = dict(model.named_modules())
-    calls = _input_shapes_per_call(model, example_input)
-    return sum(layer_macs(modules[name], shape) for name, shapes in calls.items() for shape in shapes)
 
 
 # --- ranks and costs -------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from torch import nn
 from autocompress.compress.distill import FitResult, fit
 from autocompress.compress.quantize import bake_weights
 from autocompress.spaces.candidate import Candidate
-from autocompress.techniques import BuildContext, Section, by_stage, expand_to_layers, get, techniques
+from autocompress.techniques import BuildContext, Section, by_stage, get, techniques
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,6 @@ class Compressed:
     model: nn.Module
     bits: dict[str, int]
     fit: FitResult
-
-
-def layer_bits(model: nn.Module, bits: dict[str, int]) -> dict[str, int]:
-    """``bits`` keyed by the model's actual layers: a factorized layer's entry covers its factors."""
-    return expand_to_layers(model, bits)
 
 
 def deployment_plan(model: nn.Module, candidate: Candidate) -> dict[str, int]:

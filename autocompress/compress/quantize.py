@@ -332,15 +332,6 @@ def _detach(module: nn.Module) -> None:
             delattr(module, child)
 
 
-def activation_quant_points(model: nn.Module) -> dict[str, list[str]]:
-    """Where activation fake-quant sits: ``{"inputs": [layer, ...], "outputs": [module, ...]}``."""
-    named = list(model.named_modules())
-    return {
-        "inputs": [n for n, m in named if isinstance(getattr(m, INPUT_QUANT, None), ActivationFakeQuant)],
-        "outputs": [n for n, m in named if isinstance(getattr(m, OUTPUT_QUANT, None), ActivationFakeQuant)],
-    }
-
-
 def remove_activation_quant(model: nn.Module) -> list[str]:
     """Remove all activation fake-quant (inputs and outputs); return the modules that had some."""
     removed = []

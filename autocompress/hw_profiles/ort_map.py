@@ -317,22 +317,6 @@ def mapped_variants(
     return result
 
 
-def mapped_keys(
-    unit_map: dict[str, list[UnitVariant]], model: nn.Module, input_shape: Sequence[int], bits: dict[str, int] | None
-) -> list[str] | None:
-    """The LUT keys of the ORT nodes ``model`` would run, from the map alone (per unit, its dominant
-    node list, instantiated); None if any unit's key is unknown or has no dominant node list."""
-    units = mapped_variants(unit_map, model, input_shape, bits)
-    if units is None:
-        return None
-    keys: list[str] = []
-    for variants in units:
-        if not dominant(variants):
-            return None
-        keys.extend(variants[0][1])
-    return keys
-
-
 def dominant(variants: Sequence[tuple[int, list[str]]]) -> bool:
     """Whether the first (most seen) of a unit's :func:`mapped_variants` has ``DOMINANT_SHARE`` of the sightings."""
     return variants[0][0] >= DOMINANT_SHARE * sum(seen for seen, _ in variants)

@@ -29,7 +29,6 @@ from autocompress.runtimes import runtime_names
 
 FORMAT_VERSION = 1
 DEFAULT_RUNTIME = "torch-eager"  # what ``profile measure`` measures unless told
-DTYPES = ("fp32", "int8")
 DTYPE_BITS = {"fp32": 32, "int8": 8}
 
 
