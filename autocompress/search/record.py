@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from autocompress.hw_profiles.progress import duration
 from autocompress.search.constraints import any_constraint, is_feasible, violations
 from autocompress.search.objectives import HOST
 from autocompress.search.report import Row, TrialRecord, compute_fronts, profiles_in
@@ -140,15 +141,6 @@ def search_fronts(records: Sequence[TrialRecord], exp: Experiment, teacher: dict
 
 
 # --- progress line ------------------------------------------------------------------------------
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 class Progress:
     """One line per finished trial: figures, front size, elapsed time and ETA."""
 
@@ -191,7 +183,7 @@ class Progress:
             )
             if feasible is not None:
                 body += "  feasible" if feasible else "  INFEASIBLE"
-        self.log(f"{head} {body} | front {front_size} | {_duration(elapsed)} elapsed, ETA {_duration(eta)}")
+        self.log(f"{head} {body} | front {front_size} | {duration(elapsed)} elapsed, ETA {duration(eta)}")
 
 
 # --- trial runs ---------------------------------------------------------------------------------
