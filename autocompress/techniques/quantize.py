@@ -67,8 +67,9 @@ class WeightQuantization(Technique):
     def latency_choices(self, choices: tuple, kernel_bits: Iterable[int]) -> tuple | None:
         # A width without kernels runs the fp32 kernels, so fp32 stands for all of them.
         kernels = set(kernel_bits) - {FP32}
-        distinct = tuple(dict.fromkeys(b if b in kernels else FP32 for b in choices))
-        return distinct if len(distinct) > 1 else None
+        if not kernels:
+            return None  # an fp32-only runtime runs every width on the same kernels
+        return tuple(dict.fromkeys(b if b in kernels else FP32 for b in choices))
 
     def describe(self, values: Mapping[str, Any]) -> str | None:
         counts: dict[int, int] = {}
