@@ -38,8 +38,10 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from autocompress.config import load_experiment
+    from autocompress.preflight import preflight
 
     exp = load_experiment(args.experiment, _overrides(args))
+    preflight(exp)
     print(
         f"{args.experiment}: valid experiment {exp.name!r} (task {exp.task.name}, "
         f"{exp.search.n_trials} trials, objectives {', '.join(exp.objectives)})"

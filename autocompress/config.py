@@ -46,13 +46,47 @@ class TaskConfig(_Section):
         )
 
 
-class TeacherConfig(_Section):
-    """How to get the uncompressed model: load ``checkpoint`` (a state_dict) or train it."""
+OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
+    "sgd": {"weight_decay": 5e-4},
+    "adamw": {"lr": 1e-4, "weight_decay": 0.01},
+}
+"""Per-optimizer defaults where neither the experiment nor the task sets a value (SGD's lr is per section)."""
+
+
+class _TrainingSection(_Section):
+    """Optimizer settings shared by the teacher's training and the fine-tune; ``None`` means the task's
+    suggestion (``Task.finetune_defaults``) or else the optimizer's default."""
+
+    optimizer: Literal["sgd", "adamw"] | None = None
+    lr: float | None = Field(default=None, gt=0, le=10)
+    weight_decay: float | None = Field(default=None, ge=0, le=1)
+    warmup: float | None = Field(default=None, ge=0, lt=1, description="fraction of the steps with a linear warm-up")
+
+    def optimizer_settings(self, task_defaults: dict[str, Any] | None = None, sgd_lr: float = 0.02) -> dict[str, Any]:
+        """``name``, ``lr``, ``weight_decay``, ``warmup``: this section's values, else the task's, else defaults."""
+        suggested = dict(task_defaults or {})
+        name = self.optimizer or suggested.get("optimizer", "sgd")
+        defaults = {"lr": sgd_lr, "warmup": 0.0, **OPTIMIZER_DEFAULTS[name]}
+        if name != suggested.get("optimizer", "sgd"):
+            suggested = {}  # the task's lr suits its own optimizer choice, not the one the experiment picked
+        resolved = {"name": name}
+        for key in ("lr", "weight_decay", "warmup"):
+            value = getattr(self, key)
+            resolved[key] = float(value if value is not None else suggested.get(key, defaults[key]))
+        return resolved
+
+
+class TeacherConfig(_TrainingSection):
+    """How to get the uncompressed model: load ``checkpoint`` (a state_dict), train it, or with
+    ``epochs: 0`` use the task's (pretrained) model as it is."""
 
     checkpoint: Path | None = None
-    epochs: int = Field(default=15, ge=1, le=10_000)
-    lr: float = Field(default=0.05, gt=0, le=10)
+    epochs: int = Field(default=15, ge=0, le=10_000)
     batch_size: int = Field(default=64, ge=1)
+
+    def optimizer_settings(self, task_defaults: dict[str, Any] | None = None, sgd_lr: float = 0.05) -> dict[str, Any]:
+        """As for the fine-tune, with the teacher's own SGD learning rate (0.05) by default."""
+        return super().optimizer_settings(task_defaults, sgd_lr)
 
     @field_validator("checkpoint")
     @classmethod
@@ -82,11 +116,10 @@ def _space_config() -> type[_SpaceBase]:
 SpaceConfig = _space_config()
 
 
-class FinetuneConfig(_Section):
+class FinetuneConfig(_TrainingSection):
     """The short (distillation) fine-tune every candidate gets before it is scored."""
 
     epochs: int = Field(default=3, ge=0, le=1000)
-    lr: float = Field(default=0.02, gt=0, le=10)
     batch_size: int = Field(default=64, ge=1)
     # Optional intermediate-feature distillation (FitNets): student outputs of these layers are
     # pulled towards the teacher's through a learned 1x1 adapter (pruning changes their width).

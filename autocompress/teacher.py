@@ -1,4 +1,5 @@
-"""The teacher: the uncompressed model, loaded from a checkpoint or trained once and cached.
+"""The teacher: the uncompressed model, loaded from a checkpoint, trained once and cached, or (with
+``teacher.epochs: 0``) the task's pretrained model as it is.
 
 The cache key is a hash of the task (name and args), the model architecture, the training
 settings and the seed, so any change retrains and nothing stale is reused. The cache lives in
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress.compress.distill import fit
+from autocompress.compress.distill import OptimizerSettings, fit
 from autocompress.config import TeacherConfig
 from autocompress.errors import AutocompressError
 from autocompress.evaluators.accuracy import evaluate
@@ -36,7 +37,7 @@ def teacher_key(task_name: str, task_args: dict[str, Any], model: nn.Module, con
         "task": task_name,
         "args": task_args,
         "architecture": repr(model),
-        "train": {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size},
+        "train": {"epochs": config.epochs, "batch_size": config.batch_size, **config.optimizer_settings()},
         "seed": seed,
         "torch": torch.__version__.split("+")[0],
     }
@@ -50,8 +51,8 @@ class Teacher:
 
     model: nn.Module
     val_metric: float
-    source: str  # "checkpoint", "cache" or "trained"
-    path: Path
+    source: str  # "checkpoint", "cache", "trained" or "pretrained"
+    path: Path | None
 
 
 def get_teacher(
@@ -63,7 +64,16 @@ def get_teacher(
     retrain: bool = False,
     log: Callable[[str], None] = print,
 ) -> Teacher:
-    """Load the teacher from ``config.checkpoint``, from the cache, or train it (and cache it)."""
+    """Load the teacher from ``config.checkpoint``, from the cache, or train it (and cache it).
+
+    With ``config.epochs == 0`` the task's model is used unchanged; the task must say it is pretrained
+    (``Task.pretrained``), else this raises :class:`AutocompressError` before anything is computed.
+    """
+    if config.epochs == 0 and config.checkpoint is None and not task.pretrained:
+        raise AutocompressError(
+            f"teacher.epochs 0: task {task.name!r} builds an untrained model (Task.pretrained is false); "
+            "give teacher.checkpoint or teacher.epochs >= 1"
+        )
     model = task.build_model()
     val = task.loader("val", 256)
     if config.checkpoint is not None:
@@ -74,6 +84,11 @@ def get_teacher(
             raise AutocompressError(f"teacher.checkpoint {str(config.checkpoint)!r}: cannot load ({err})") from None
         model.eval()
         return Teacher(model, evaluate(model, val, task.metric), "checkpoint", config.checkpoint)
+    if config.epochs == 0:
+        model.eval()
+        metric = evaluate(model, val, task.metric)
+        log(f"teacher: the task's pretrained {type(model).__name__} as it is (val {task.metric_name} {metric:.4f})")
+        return Teacher(model, metric, "pretrained", None)
 
     path = cache_dir() / "teachers" / f"{task.name}-{teacher_key(task.name, task_args, model, config, seed)}.pt"
     if path.is_file() and not retrain:
@@ -93,7 +108,8 @@ def get_teacher(
         model,
         task.loader("train", config.batch_size, shuffle=True),
         epochs=config.epochs,
-        lr=config.lr,
+        optimizer=OptimizerSettings(**config.optimizer_settings(task.finetune_defaults)),
+        loss=task.loss,
         evaluate=lambda m: evaluate(m, val, task.metric),
         on_epoch=report,
     )

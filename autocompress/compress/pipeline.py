@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from autocompress.compress.distill import FitResult, fit
+from autocompress.compress.distill import FitResult, OptimizerSettings, fit
 from autocompress.compress.quantize import bake_weights
 from autocompress.spaces.candidate import Candidate
 from autocompress.techniques import BuildContext, Section, by_stage, get, techniques
@@ -29,8 +30,10 @@ class PipelineSettings:
     """Experiment-wide settings of the build (not searched): the fine-tune and each technique's section."""
 
     finetune_epochs: int = 3
-    finetune_lr: float = 0.02
+    optimizer: OptimizerSettings = OptimizerSettings()
     batch_size: int = 64
+    loss: Callable | None = F.cross_entropy  # the task's loss; None: distillation only
+    distill_kind: str = "logits"  # the task's output kind: how the student is pulled to the teacher
     feature_layers: tuple[str, ...] = ()  # intermediate-feature distillation, off when empty
     feature_weight: float = 0.0
     seed: int = 0
@@ -118,7 +121,9 @@ def finetune_student(
         student.model,
         train_batches,
         epochs=settings.finetune_epochs,
-        lr=settings.finetune_lr,
+        optimizer=settings.optimizer,
+        loss=settings.loss,
+        kind=settings.distill_kind,
         teacher=teacher,
         feature_layers=settings.feature_layers,
         feature_weight=settings.feature_weight,

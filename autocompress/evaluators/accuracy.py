@@ -1,4 +1,4 @@
-"""Accuracy of a model on a data split, with the task's metric."""
+"""A model's metric on a data split, with the task's metric function (any metric, not only accuracy)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from autocompress import inputs as pytree
+
 
 def top1_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Fraction of samples whose highest logit is the target class."""
@@ -14,16 +16,17 @@ def top1_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def predict(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated logits and targets of ``model`` (in eval mode) over ``batches``."""
+    """Concatenated primary outputs and targets of ``model`` (in eval mode) over ``(inputs, target)`` batches."""
     was_training = model.training
     model.eval()
-    logits, targets = [], []
+    outputs, targets = [], []
     with torch.inference_mode():
-        for x, y in batches:
-            logits.append(model(x))
+        for batch in batches:
+            x, y = pytree.split_batch(batch)
+            outputs.append(pytree.forward(model, x))
             targets.append(y)
     model.train(was_training)
-    return torch.cat(logits), torch.cat(targets)
+    return torch.cat(outputs), pytree.cat(targets)
 
 
 def evaluate(

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autocompress.compress.distill import OptimizerSettings
 from autocompress.compress.pipeline import Compressed, PipelineSettings, apply, finetune_student, prepare_student
 from autocompress.compress.quantize import plain_copy
 from autocompress.config import Experiment, LatencyConfig, profile_id
@@ -50,7 +51,9 @@ def make_context(exp: Experiment, teacher: nn.Module, task: Task) -> TrialContex
     """The scoring context an experiment defines (transform settings, latency settings)."""
     pipeline = PipelineSettings(
         finetune_epochs=exp.finetune.epochs,
-        finetune_lr=exp.finetune.lr,
+        optimizer=OptimizerSettings(**exp.finetune.optimizer_settings(task.finetune_defaults)),
+        loss=task.loss,
+        distill_kind=task.output_kind,
         batch_size=exp.finetune.batch_size,
         feature_layers=tuple(exp.finetune.feature_layers),
         feature_weight=exp.finetune.feature_weight,

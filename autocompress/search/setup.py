@@ -24,6 +24,7 @@ from autocompress.errors import AutocompressError
 from autocompress.hw_profiles import describe_host
 from autocompress.hw_profiles.predictor import check_host
 from autocompress.hw_profiles.profile import resolve_profile_path
+from autocompress.preflight import preflight
 from autocompress.runtimes import get_runtime
 from autocompress.search.objectives import HOST, TrialContext, make_context, measure
 from autocompress.search.record import (
@@ -120,6 +121,8 @@ def prepare_search(
     exp.out_dir.mkdir(parents=True, exist_ok=True)
     task = load_task(exp.task.name, exp.task.args)
     log(f"task {task.name}: {len(task.train)} train / {len(task.val)} val / {len(task.test)} test samples")
+    if teacher_metrics is None:  # a worker of a parallel search: the starting process has dry-run it
+        preflight(exp, task=task, log=lambda line: None)
     teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, retrain=retrain, log=log)
     space = build_space(teacher.model, task.example_input(1), exp.space)
     log(f"space: {space.describe()}")
