@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 
 from autocompress.errors import AutocompressError
@@ -19,6 +21,10 @@ def import_callable(ref: str, label: str) -> Callable:
     module_name, sep, func_name = ref.partition(":")
     if not sep or not module_name or not func_name:
         raise AutocompressError(f"{label}: expected 'package.module:function'")
+    if os.getcwd() not in sys.path:
+        # As `python -m` does (and uvicorn, celery): a user's module beside the experiment file imports
+        # without PYTHONPATH, also from the installed `autocompress` script.
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:

@@ -175,6 +175,7 @@ def _remeasure_and_export(compressed: Any, ctx: Any, profile: str, out_dir: Path
     search's runtime; on another runtime (``torch-eager``) its own deployment is measured, as in the
     search, and the ONNX files are exported alongside.
     """
+    from autocompress import inputs as pytree
     from autocompress.compress.deploy import runtime_int8_layers
     from autocompress.evaluators import compressed_size_bytes, count_parameters, evaluate, model_size_bytes
 
@@ -233,7 +234,7 @@ def _remeasure_and_export(compressed: Any, ctx: Any, profile: str, out_dir: Path
     int8 = runtime_int8_layers(ort_model.path, lat.threads) if ort_model.path.name == ONNX_INT8 else []
     figures["int8_layers"] = int8
     figures["no_kernel_layers"] = sorted(n for n, b in compressed.bits.items() if 2 <= b < 8)
-    figures["input_shape"] = list(task.input_shape)
+    figures["inputs"] = pytree.describe(task.example_input(1))  # batch 1; the batch axis is dynamic
     return figures, ort_model.path
 
 
@@ -290,7 +291,7 @@ def _card(
             "no_kernel_layers": measured["no_kernel_layers"],
             "torch_module": TORCH_MODULE,
             "state_dict": STATE_DICT,
-            "input_shape": ["batch", *measured["input_shape"]],
+            "inputs": measured["inputs"],
             "note": f"{TORCH_MODULE} is a pickled module: torch.load(path, weights_only=False) with autocompress "
             f"importable; {STATE_DICT} fits the pruned architecture only",
         },
