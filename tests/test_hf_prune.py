@@ -263,3 +263,20 @@ def test_pretrained_minilm_prunes_one_layer_and_round_trips(tmp_path, monkeypatc
     assert torch.allclose(out.last_hidden_state, after.last_hidden_state, atol=1e-5)
     assert torch.allclose(out.pooler_output, after.pooler_output, atol=1e-5)
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_profile_candidates_slice_whole_heads_like_the_pruner(model):
+    from autocompress.hw_profiles.candidates import CandidateBuilder
+    from autocompress.spaces.space import SearchSpace
+
+    x = tokens()
+    section = PruneSpace(ratios=[0.0, 0.25, 0.5])
+    space = SearchSpace(choices={"prune": StructuredPruning().discover(section, Discovery(model, x))})
+    builder = CandidateBuilder.learn(model, x, space)  # checks its shapes against the real pruner
+    candidate = builder.candidate(
+        {f"prune/{name(0, 'attention.self')}": 0.25, f"prune/{name(1, 'intermediate.dense')}": 0.5}
+    )
+    built, _ = builder.build(candidate)
+    assert attn(built, 0).query.out_features == 3 * HEAD_SIZE
+    assert built.encoder.encoder.layer[1].intermediate.dense.out_features == FFN // 2
+    assert built(**x).shape == (2, HIDDEN)
