@@ -6,7 +6,7 @@ seconds (it rebuilds the dependency graph), so :class:`CandidateBuilder`
 asks it once per prune group instead: prune that group alone at its largest ratio and record
 which dimension of which parameter or buffer shrank, and by what multiple of the group's channels
 (a Linear after a flatten sees ``channels x positions`` inputs). A candidate is then built by
-slicing each recorded dimension to ``kept_channels(C, ratio, round_to)`` times that multiple, the
+slicing each recorded dimension to ``group.kept(ratio, round_to)`` (channels, or heads) times that multiple, the
 pruner's own arithmetic, and low-rank factorization runs for real on the result. Construction
 checks the shortcut against the real pruner on one candidate with every group pruned, and fails
 if any shape differs. The slices keep the *first* channels, not the least important ones: that
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from autocompress.compress.pipeline import deployment_plan
-from autocompress.compress.prune import find_prune_groups, kept_channels, prune
+from autocompress.compress.prune import PruneGroup, find_prune_groups, prune
 from autocompress.errors import AutocompressError
 from autocompress.spaces.candidate import Candidate
 from autocompress.spaces.space import SearchSpace
@@ -99,7 +99,7 @@ class CandidateBuilder:
     model: nn.Module
     example_input: torch.Tensor
     space: SearchSpace
-    channels: dict[str, int] = field(default_factory=dict)
+    groups: dict[str, PruneGroup] = field(default_factory=dict)
     dims: dict[tuple[str, str], dict[int, _Dim]] = field(default_factory=dict)
     _meta: nn.Module | None = field(default=None, repr=False)
 
@@ -113,23 +113,23 @@ class CandidateBuilder:
         """Probe the pruner once per group of ``space`` and check the result (see the module docstring)."""
         model = copy.deepcopy(model).eval()
         builder = cls(model, example_input, space)
-        groups = {g.name: g.channels for g in find_prune_groups(model, example_input)}
+        groups = {g.name: g for g in find_prune_groups(model, example_input)}
         base = _shapes(model)
         round_to = builder.round_to
         for group, ratios in space.get(PRUNE).items():
             ratio = max(ratios)
-            builder.channels[group] = groups[group]
+            builder.groups[group] = groups[group]
+            channels = groups[group].channels  # heads, for an attention head group
             probe = prune(copy.deepcopy(model), {group: ratio}, example_input, round_to=round_to)
-            kept = kept_channels(groups[group], ratio, round_to)
-            removed = groups[group] - kept
+            removed = channels - groups[group].kept(ratio, round_to)
             for key, shape in _shapes(probe).items():
                 for dim, (before, after) in enumerate(zip(base[key], shape, strict=True)):
                     if before == after:
                         continue
-                    if (before - after) % removed or before % groups[group]:
+                    if (before - after) % removed or before % channels:
                         raise AutocompressError(
                             f"profiling: pruning group {group!r} changed {key[0]}.{key[1]} dim {dim} from {before} to "
-                            f"{after}, not a multiple of its {groups[group]} channels"
+                            f"{after}, not a multiple of its {channels} channels"
                         )
                     seen = builder.dims.setdefault(key, {})
                     if dim in seen:
@@ -166,7 +166,7 @@ class CandidateBuilder:
                 original = getattr(modules[name], tname)
                 tensor = original
                 for dim, info in dims.items():
-                    size = kept_channels(self.channels[info.group], ratios.get(info.group, 0.0), self.round_to)
+                    size = self.groups[info.group].kept(ratios.get(info.group, 0.0), self.round_to)
                     tensor = tensor.narrow(dim, 0, size * info.multiple)
                 tensor = tensor.clone()
                 memo[id(original)] = nn.Parameter(tensor) if isinstance(original, nn.Parameter) else tensor

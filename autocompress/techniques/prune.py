@@ -1,18 +1,22 @@
 """Structured pruning as a technique: one ratio per Torch-Pruning dependency group.
 
 The dependency graph (:mod:`autocompress.compress.prune`) finds groups of coupled layers; a
-group's ratio removes that fraction of its output channels and every coupled input.
+group's ratio removes that fraction of its output channels and every coupled input. An attention
+module's q/k/v projections form a head group (``prune/<attention module>``) whose ratio removes that
+fraction of its heads, whole; a transformer's residual stream is not searched, and discovery says so
+once on stderr.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from torch import nn
 
-from autocompress.compress.prune import find_prune_groups, prune, useful_ratios
+from autocompress.compress.prune import analyse, prune, useful_ratios
 from autocompress.techniques.base import BuildContext, Discovery, Section, Stage, Technique
 
 
@@ -48,10 +52,14 @@ class StructuredPruning(Technique):
 
     def discover(self, section: PruneSpace, found: Discovery) -> dict[str, tuple]:
         choices: dict[str, tuple] = {}
-        for group in find_prune_groups(found.model, found.example_input):
+        analysis = analyse(found.model, found.example_input)
+        for name, reason in analysis.excluded.items():
+            if found.selects(name):
+                print(f"prune: not searching {name}: {reason}", file=sys.stderr)
+        for group in analysis.groups:
             if not found.selects(group.name):
                 continue
-            offered = useful_ratios(group.channels, section.ratios, section.round_to)
+            offered = useful_ratios(group.channels, section.ratios, section.round_to, heads=group.is_heads)
             if any(r > 0 for r in offered):
                 choices[group.name] = tuple(offered)
         return choices
