@@ -63,9 +63,9 @@ def kd_loss(
 
     With ``alpha == 0`` or no teacher this is the task's ``loss`` alone (default cross-entropy, so
     Hinton KD on logits by default). A task without a loss of its own (``loss=None``, e.g. embedding
-    distillation) is trained on the distillation term alone.
+    distillation) is trained on the distillation term alone, whatever ``alpha``.
     """
-    if teacher_logits is None or alpha == 0.0:
+    if teacher_logits is None or (alpha == 0.0 and loss is not None):
         if loss is None:
             raise ValueError("the task has no loss of its own: it can only be trained by distillation from a teacher")
         return loss(student_logits, targets)
@@ -231,7 +231,7 @@ def fit(
         params += list(features.adapters.parameters())
     steps_per_epoch = max(1, len(train_batches)) if hasattr(train_batches, "__len__") else 1
     opt, scheduler = settings.build(params, epochs * steps_per_epoch)
-    distilling = teacher is not None and (alpha > 0.0 or features is not None)
+    distilling = teacher is not None and (alpha > 0.0 or features is not None or loss is None)
     if teacher is not None:
         teacher.eval()
     try:

@@ -84,7 +84,7 @@ def prepare_student(
             raise ValueError("this candidate needs calibration batches (e.g. taylor importance)")
         return list(itertools.islice(iter(calibration_factory()), n))
 
-    ctx = BuildContext(example_input=example_input, calibration=calibration)
+    ctx = BuildContext(example_input=example_input, calibration=calibration, loss=settings.loss)
     for technique in by_stage():
         values = candidate.get(technique.name)
         if technique.name in candidate.values:

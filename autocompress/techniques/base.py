@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
@@ -56,7 +55,7 @@ class Discovery:
     """What a technique may see of the model when it discovers its choices."""
 
     model: nn.Module
-    example_input: torch.Tensor
+    example_input: Any  # a tensor, tuple or dict of tensors (autocompress.inputs)
     include: tuple[str, ...] = ("*",)  # layer-name globs the search may touch
     exclude: tuple[str, ...] = ()
 
@@ -74,8 +73,9 @@ class Discovery:
 class BuildContext:
     """What a technique may use while it applies its values to a student."""
 
-    example_input: torch.Tensor
+    example_input: Any  # a tensor, tuple or dict of tensors (autocompress.inputs)
     calibration: Callable[[int], list]  # the first n training batches (fixed order)
+    loss: Callable | None = None  # the task's loss (gradient-based importance); None: the task has none
 
 
 class Technique(ABC):

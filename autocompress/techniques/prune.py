@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from autocompress.compress.prune import analyse, prune, useful_ratios
-from autocompress.techniques.base import BuildContext, Discovery, Section, Stage, Technique
+from autocompress.techniques.base import BuildContext, Discovery, ParameterError, Section, Stage, Technique
 
 
 class PruneSpace(Section):
@@ -65,7 +65,14 @@ class StructuredPruning(Technique):
         return choices
 
     def apply(self, model: nn.Module, values: Mapping[str, Any], section: PruneSpace, ctx: BuildContext) -> None:
-        calibration = ctx.calibration(section.calibration_batches) if section.importance == "taylor" else None
+        calibration, loss = None, {}
+        if section.importance == "taylor":
+            if ctx.loss is None:
+                raise ParameterError(
+                    "space.prune.importance 'taylor' needs the task's loss, and this task has none: use l1 or l2"
+                )
+            calibration = ctx.calibration(section.calibration_batches)
+            loss = {"loss": ctx.loss}
         prune(
             model,
             dict(values),
@@ -73,6 +80,7 @@ class StructuredPruning(Technique):
             round_to=section.round_to,
             importance=section.importance,
             calibration=calibration,
+            **loss,
         )
 
     def describe(self, values: Mapping[str, Any]) -> str | None:
