@@ -381,9 +381,9 @@ def test_deployment_and_profiles_ask_the_same_region_rule(monkeypatch, trained, 
 
     calls = []
 
-    def spy(layers, edges, int8_layers):
+    def spy(layers, edges, int8_layers, **kwargs):
         calls.append(set(int8_layers))
-        return quantized_regions(layers, edges, int8_layers)
+        return quantized_regions(layers, edges, int8_layers, **kwargs)
 
     monkeypatch.setattr(deploy_mod, "quantized_regions", spy)
     monkeypatch.setattr(ort_map, "quantized_regions", spy)

@@ -31,6 +31,9 @@ from torch import nn
 from torch.ao.quantization.observer import MinMaxObserver
 from torch.nn.utils import parametrize
 
+from autocompress import inputs as pytree
+from autocompress.inputs import Inputs
+
 FP32 = 32
 INPUT_QUANT = "input_quant"
 """Child module of a layer that fake-quantizes the layer's input (see :func:`attach_activation_quant`)."""
@@ -196,13 +199,13 @@ def _quantize_output(module: nn.Module, args: tuple, output: torch.Tensor) -> to
     return getattr(module, OUTPUT_QUANT)(output)
 
 
-def batch_inputs(batches: Iterable) -> Iterator[torch.Tensor]:
-    """The model inputs of ``batches``: each item is a tensor, or a tuple/list whose first element is one."""
-    for batch in batches:
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+def batch_inputs(batches: Iterable) -> Iterator[Inputs]:
+    """The model inputs of ``batches``: each item is inputs (a tensor, a dict of tensors) or an
+    ``(inputs, target)`` pair (:func:`autocompress.inputs.split_batch`)."""
+    return pytree.batch_inputs(batches)
 
 
-def output_points(model: nn.Module, layer_names: Iterable[str], example_input: torch.Tensor) -> dict[str, str]:
+def output_points(model: nn.Module, layer_names: Iterable[str], example_input: Inputs) -> dict[str, str]:
     """For each named Conv/Linear layer, the module whose output is that layer's int8 output in ORT.
 
     The exporter folds a Conv's BatchNorm into it and ORT fuses a following ReLU/ReLU6 into the int8
@@ -227,7 +230,7 @@ def output_points(model: nn.Module, layer_names: Iterable[str], example_input: t
         handles.append(module.register_forward_hook(record))
     try:
         with torch.no_grad():
-            model(example_input)
+            pytree.call(model, example_input)
     finally:
         for handle in handles:
             handle.remove()
@@ -300,7 +303,7 @@ def attach_activation_quant(
                 attached.append(modules[point])
         with torch.no_grad():
             for x in itertools.chain([first], inputs):
-                model(x)
+                pytree.call(model, x)
         for module in attached:
             for quantizer in _quantizers(module):
                 if quantizer.calibrating:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from autocompress.inputs import Inputs, call
+
 
 @dataclass(frozen=True)
 class Latency:
@@ -44,22 +46,23 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def measure_latency(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: Inputs,
     *,
     threads: int = 1,
     warmup: int = 10,
     repeats: int = 50,
 ) -> Latency:
-    """Time ``model(example_input)`` in eval/inference mode; the median resists outliers."""
+    """Time ``model`` on ``example_input`` (any :mod:`autocompress.inputs` pytree: a tensor, a tuple, a dict
+    of ``input_ids`` ...) in eval/inference mode; the median resists outliers."""
     was_training = model.training
     model.eval()
     times = []
     with torch_threads(threads), torch.inference_mode():
         for _ in range(warmup):
-            model(example_input)
+            call(model, example_input)
         for _ in range(repeats):
             start = time.perf_counter()
-            model(example_input)
+            call(model, example_input)
             times.append((time.perf_counter() - start) * 1e3)
     model.train(was_training)
     times.sort()

@@ -36,6 +36,7 @@ from torch import nn
 
 from autocompress.errors import AutocompressError
 from autocompress.hw_profiles.profile import OpSignature
+from autocompress.inputs import Inputs
 from autocompress.runtimes.base import profile_calibration
 
 DOMAINS = {"": "", "ai.onnx": "", "com.microsoft": "ms.", "com.microsoft.nchwc": "nchwc."}
@@ -90,7 +91,7 @@ def _session_options(threads: int, optimize: bool):
     return options
 
 
-def tensor_shapes(graph_model: onnx.ModelProto, example_input: torch.Tensor) -> dict[str, tuple[tuple, np.dtype]]:
+def tensor_shapes(graph_model: onnx.ModelProto, example_input: Inputs) -> dict[str, tuple[tuple, np.dtype]]:
     """Shape and dtype of every tensor of an (optimized) graph, from one run with all tensors as outputs.
 
     ONNX shape inference does not know ORT's contrib ops (``nchwc.Conv``, ``QLinearConv``'s fused
@@ -106,11 +107,12 @@ def tensor_shapes(graph_model: onnx.ModelProto, example_input: torch.Tensor) -> 
     session = ort.InferenceSession(
         model.SerializeToString(), _session_options(1, optimize=False), providers=["CPUExecutionProvider"]
     )
-    (graph_input,) = session.get_inputs()
-    feed = {graph_input.name: example_input.detach().cpu().numpy().astype(np.float32)}
+    from autocompress.compress.deploy import ort_feed
+
+    feed = ort_feed(example_input, [i.name for i in session.get_inputs()])
     values = session.run(names, feed)
     shapes = {name: (tuple(v.shape), v.dtype) for name, v in zip(names, values, strict=True)}
-    shapes[graph_input.name] = (tuple(feed[graph_input.name].shape), np.dtype(np.float32))
+    shapes.update({name: (tuple(array.shape), array.dtype) for name, array in feed.items()})
     return shapes
 
 

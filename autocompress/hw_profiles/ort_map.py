@@ -144,10 +144,16 @@ def _scope(module: str, call: int) -> str:
     return module if call == 0 else f"{module}_{call}"
 
 
-def _module_path(node_name: str) -> str:
+def _module_index(model: nn.Module):  # noqa: ANN202 - deploy is imported late (it imports this package)
+    from autocompress.compress.deploy import ModuleIndex
+
+    return ModuleIndex.of(model)
+
+
+def _module_path(node_name: str, modules: object = None) -> str:
     from autocompress.compress.deploy import node_module
 
-    return node_module(node_name)
+    return node_module(node_name, modules)  # type: ignore[arg-type]
 
 
 _KIND_HINTS = {"add": ("Add", "Sum"), "flatten": ("Flatten", "Reshape"), "relu_fn": ("Relu",)}
@@ -164,6 +170,7 @@ def attribute(model: nn.Module, units: Sequence[tuple[OpSignature, NodeUnit]]) -
         for kind, owner in own.functions:
             functions.setdefault(owner, []).append((kind, u))
     by_length = sorted(scopes, key=len, reverse=True)
+    index = _module_index(model)
     nodes = [unit.node for _, unit in units]
     owner: list[int | None] = [None] * len(nodes)
     for i, node in enumerate(nodes):
@@ -171,7 +178,7 @@ def attribute(model: nn.Module, units: Sequence[tuple[OpSignature, NodeUnit]]) -
         name = node.name[node.name.find("/") :] if "/" in node.name else node.name
         if not name.startswith("/"):
             continue
-        path = _module_path(name)
+        path = _module_path(name, index)
         target = next((scopes[s] for s in by_length if path == s or path.startswith(s + ".")), None)
         if target is None:
             candidates = functions.get(path, [])

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from autocompress.evaluators.latency import Latency
     from autocompress.hw_profiles.profile import OpSignature, UnitVariant
+    from autocompress.inputs import Inputs
 
 BUILTIN_MODULES = ("autocompress.runtimes.torch_eager", "autocompress.runtimes.onnxruntime")
 """Modules that register the runtimes shipped with autocompress (imported on the first query)."""
@@ -113,15 +114,19 @@ class Runtime(ABC):
         self,
         model: nn.Module,
         bits: dict[str, int],
-        example_input: torch.Tensor,
+        example_input: Inputs,
         calibration: Iterable,
         workdir: str | Path,
         threads: int = 1,
+        *,
+        modes: dict[str, str] | None = None,
     ) -> Any:
         """What executes ``model`` here, callable like an eval-mode module (files go under ``workdir``).
 
         ``bits`` maps Conv/Linear layers to bit-widths; layers at a width in :attr:`kernel_bits`
-        other than 32 run those kernels. ``calibration`` (input tensors or ``(input, target)`` pairs)
+        other than 32 run those kernels, the way ``modes`` says where a runtime has several
+        (ONNX Runtime's int8: ``static`` or ``dynamic``). ``example_input`` and the batches are
+        :mod:`autocompress.inputs` pytrees. ``calibration`` (inputs or ``(inputs, target)`` pairs)
         sets activation ranges where the runtime quantizes them; ``threads`` is the intra-op thread
         count for runtimes that fix it when the model is loaded.
         """
@@ -136,9 +141,9 @@ class Runtime(ABC):
         return path
 
     def measure(
-        self, runnable: Any, example_input: torch.Tensor, *, threads: int = 1, warmup: int = 10, repeats: int = 50
+        self, runnable: Any, example_input: Inputs, *, threads: int = 1, warmup: int = 10, repeats: int = 50
     ) -> Latency:
-        """Time a :meth:`deploy` result on ``example_input`` (median and p90 of ``repeats`` runs)."""
+        """Time a :meth:`deploy` result on ``example_input`` (any pytree; median and p90 of ``repeats`` runs)."""
         from autocompress.evaluators.latency import measure_latency
 
         return measure_latency(runnable, example_input, threads=threads, warmup=warmup, repeats=repeats)
@@ -181,10 +186,12 @@ class Runtime(ABC):
         Deployed in a temporary directory with :func:`profile_calibration` batches: calibration
         ranges change the values computed, not the kernels or their cost.
         """
+        from autocompress.inputs import call
+
         with tempfile.TemporaryDirectory(prefix="autocompress-profile-") as tmp:
             calibration = profile_calibration(example_input)
             runnable = self.deploy(model, dict(bits or {}), example_input, calibration, tmp, threads)
-            yield lambda: runnable(example_input)
+            yield lambda: call(runnable, example_input)
 
     @contextmanager
     def timing(self, threads: int) -> Iterator[None]:
@@ -198,12 +205,20 @@ class Runtime(ABC):
         return f"<runtime {self.name}>"
 
 
-def profile_calibration(example_input: torch.Tensor) -> list[torch.Tensor]:
-    """Random calibration batches of the example's shape (fixed seed) for deployments a profile times."""
+def profile_calibration(example_input: Inputs) -> list[Inputs]:
+    """Calibration batches of the example's structure (fixed seed) for deployments a profile times:
+    float tensors random normal of their shape, other tensors (token ids, masks) the example's own
+    values, since random ids could fall outside a vocabulary."""
     import torch
 
+    from autocompress.inputs import map_tensors
+
     generator = torch.Generator().manual_seed(0)
-    return [torch.randn(example_input.shape, generator=generator) for _ in range(PROFILE_CALIBRATION_BATCHES)]
+
+    def fresh(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=generator) if t.is_floating_point() else t.clone()
+
+    return [map_tensors(example_input, fresh) for _ in range(PROFILE_CALIBRATION_BATCHES)]
 
 
 # --- the registry ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from torch import nn
 from autocompress.compress import deploy as ort_deploy
 from autocompress.hw_profiles import onnx_graph, ort_map
 from autocompress.hw_profiles.profile import UnitVariant
+from autocompress.inputs import Inputs
 from autocompress.runtimes.base import ProfileUnit, Runtime, register
 
 
@@ -39,14 +40,17 @@ class OnnxRuntime(Runtime):
         self,
         model: nn.Module,
         bits: dict[str, int],
-        example_input: torch.Tensor,
+        example_input: Inputs,
         calibration: Iterable,
         workdir: str | Path,
         threads: int = 1,
+        *,
+        modes: dict[str, str] | None = None,
     ) -> ort_deploy.OrtModel:
         """The ORT session of ``model`` deployed in ``workdir`` (``model.fp32.onnx``, and
-        ``model.int8.onnx`` when a layer has 8 bits); ``threads`` is fixed in the session."""
-        return ort_deploy.deploy(model, bits, example_input, calibration, workdir, threads).model
+        ``model.int8.onnx`` when a layer has 8 bits; ``modes``: static or dynamic int8 per layer, see
+        :func:`autocompress.compress.deploy.deploy`); ``threads`` is fixed in the session."""
+        return ort_deploy.deploy(model, bits, example_input, calibration, workdir, threads, modes=modes).model
 
     def artifact(self, runnable: ort_deploy.OrtModel, workdir: str | Path) -> Path:
         """The ONNX file the session runs (``model.int8.onnx`` when a layer is int8)."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from autocompress.hw_profiles import eager
 from autocompress.hw_profiles.profile import OpSignature
+from autocompress.inputs import Inputs, call
 from autocompress.runtimes.base import ProfileUnit, Runtime, Timed, register
 
 
@@ -44,12 +45,14 @@ class TorchEager(Runtime):
         self,
         model: nn.Module,
         bits: dict[str, int],
-        example_input: torch.Tensor,
+        example_input: Inputs,
         calibration: Iterable,
         workdir: str | Path,
         threads: int = 1,
+        *,
+        modes: dict[str, str] | None = None,
     ) -> nn.Module:
-        """The model itself (its weights already carry any rounding); nothing is written."""
+        """The model itself (its weights already carry any rounding; ``modes`` mean nothing here); no files."""
         return model
 
     def units(
@@ -68,7 +71,7 @@ class TorchEager(Runtime):
             # Such a model runs faster than a loaded one: timing it would flatter the profile.
             raise ValueError(f"{self.name}: timing a model whose parameters were created in inference mode")
         model.eval()
-        yield lambda: model(example_input)
+        yield lambda: call(model, example_input)
 
     @contextmanager
     def timing(self, threads: int) -> Iterator[None]:
