@@ -8,6 +8,10 @@ graph, validation accuracy, median latency and the median of per-round ratios to
 faster). Mixed plans draw each layer (or region) int8 with probability 1/2.
 
     python benchmarks/quant_plans.py experiments/digits_mobilenet.yaml [--mixes 3] [--rounds 15]
+        [--set task.args.width=32] [--untrained]
+
+``--untrained`` times the freshly initialised model instead of training a teacher (latency
+depends on shapes and plans, not weights; the accuracy column is then meaningless).
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import tempfile
 from pathlib import Path
 
 import onnx
+import torch
 
-from autocompress.config import load_experiment
+from autocompress.config import load_experiment, parse_override
 from autocompress.evaluators import evaluate, measure_latency
 from autocompress.search.objectives import make_context, runnable
 from autocompress.tasks import load_task
@@ -46,12 +51,17 @@ def main() -> int:
     parser.add_argument("--mixes", type=int, default=3, help="random plans per granularity")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="experiment override")
+    parser.add_argument("--untrained", action="store_true", help="time the untrained model (no teacher)")
     args = parser.parse_args()
 
-    exp = load_experiment(args.experiment)
+    exp = load_experiment(args.experiment, dict(parse_override(item) for item in args.set))
     task = load_task(exp.task.name, exp.task.args)
-    teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, log=print)
-    model = teacher.model.eval()
+    if args.untrained:
+        torch.manual_seed(exp.seed)
+        model = task.build_model().eval()
+    else:
+        model = get_teacher(task, exp.task.args, exp.teacher, exp.seed, log=print).model.eval()
     x = task.example_input(1)
     layers = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
     regions = bit_groups(model, x, layers, "region")
