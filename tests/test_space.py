@@ -22,7 +22,9 @@ def test_space_lists_groups_layers_and_useful_choices_only():
     space = build_space(DigitsCNN(width=32).eval(), X, SpaceConfig())
     assert set(space.get("prune")) == {f"features.conv{i}.conv" for i in range(1, 6)} | {"fc1"}
     assert space.get("prune")["features.conv1.conv"] == (0.0, 0.25, 0.5, 0.75)  # 32 -> 32, 24, 16, 8
-    assert set(space.get("bits")) == {f"features.conv{i}.conv" for i in range(1, 6)} | {"fc1", "fc2"}
+    assert set(space.get("bits")) == {"features.conv1.conv..fc2"}  # a plain chain is one region
+    per_layer = build_space(DigitsCNN(width=32).eval(), X, SpaceConfig(quantize={"granularity": "layer"}))
+    assert set(per_layer.get("bits")) == {f"features.conv{i}.conv" for i in range(1, 6)} | {"fc1", "fc2"}
     assert space.get("rank") == {}  # low-rank is opt-in
     narrow = build_space(DigitsCNN(width=8).eval(), X, SpaceConfig())
     assert "features.conv1.conv" not in narrow.get("prune")  # 8 channels: every ratio rounds to 0 or 8
@@ -31,7 +33,7 @@ def test_space_lists_groups_layers_and_useful_choices_only():
 def test_include_exclude_globs_and_unmatched_patterns():
     space = build_space(DigitsCNN(width=32).eval(), X, SpaceConfig(include=["features.*"], exclude=["*conv5*"]))
     assert set(space.get("prune")) == {f"features.conv{i}.conv" for i in range(1, 5)}
-    assert "fc1" not in space.get("bits") and "features.conv5.conv" not in space.get("bits")
+    assert set(space.get("bits")) == {"features.conv1.conv..features.conv4.conv"}  # conv5 cuts the run
     with pytest.raises(AutocompressError, match="pattern 'head.*' matches no layer"):
         build_space(DigitsCNN(width=32).eval(), X, SpaceConfig(include=["head.*"]))
 

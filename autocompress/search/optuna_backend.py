@@ -152,6 +152,27 @@ def open_study(exp: Experiment, space: SearchSpace, resume: bool | str) -> tuple
     return study, False
 
 
+def enqueue_uniform_points(study: optuna.Study, space: SearchSpace, n_trials: int) -> int:
+    """Queue the space's uniform plans (:meth:`SearchSpace.uniform_points`) as the next trials.
+
+    A plan some trial of the study already has (run, running or queued: a resumed study, another
+    worker) is not queued again; neither are more plans than trials remain. Returns how many were
+    queued.
+    """
+    trials = study.get_trials(deepcopy=False)
+    seen = [{**t.params, **t.system_attrs.get("fixed_params", {})} for t in trials]
+    room = max(0, n_trials - len(trials))
+    queued = 0
+    for point in space.uniform_points():
+        if queued >= room:
+            break
+        if any(all(params.get(k) == v for k, v in point.items()) for params in seen):
+            continue
+        study.enqueue_trial(point)
+        queued += 1
+    return queued
+
+
 def recover_interrupted(study: optuna.Study, tracker: Tracker, log: Callable[[str], None]) -> int:
     """Fail and re-queue trials left RUNNING by a worker on this host that no longer exists.
 
@@ -197,6 +218,9 @@ def run_optuna_search(
         tracker.client.update_run(parent_id, status="RUNNING")
         recover_interrupted(study, tracker, log)
     log_session(exp, setup, tracker, parent_id)
+    queued = enqueue_uniform_points(study, space, exp.search.n_trials)
+    if queued:
+        log(f"{queued} uniform plan(s) (all int8, one pruning ratio everywhere) queued as the first trials")
     log(
         f"study {study.study_name!r} in {exp.storage_url}{' (resumed)' if resumed else ''}; "
         f"MLflow run {parent_id} at {exp.tracking_uri}"

@@ -207,8 +207,16 @@ class MultiObjectiveOptunaSearch(OptunaSearch):
     """
 
     def __init__(
-        self, *args: Any, constraints: ConstraintsConfig | None = None, profile: str = "host", **kwargs: Any
+        self,
+        *args: Any,
+        constraints: ConstraintsConfig | None = None,
+        profile: str = "host",
+        uniform_points: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
     ) -> None:
+        # The uniform plans run after any points_to_evaluate given (flat names: the define-by-run
+        # space suggests flat names, and the points are enqueued on the searcher's Optuna study).
+        kwargs["points_to_evaluate"] = [*(kwargs.get("points_to_evaluate") or []), *(uniform_points or [])] or None
         super().__init__(*args, **kwargs)
         self.constraints, self.profile = constraints, profile
 
@@ -488,6 +496,7 @@ def _search(exp: Experiment, setup: SearchSetup, log: Callable[[str], None]) -> 
         study_name=name,
         constraints=exp.search.constraints,
         profile=exp.primary,
+        uniform_points=setup.space.uniform_points()[: exp.search.n_trials],
     )
     progress = Progress(exp.search.n_trials, 0, setup.teacher_metrics, exp.primary, log)
     recorder = MlflowRecorder(

@@ -58,6 +58,41 @@ class SearchSpace:
         """The uncompressed point: every technique at its neutral value, no distillation."""
         return Candidate({t.name: t.baseline(self.choices[t.name]) for t in techniques() if t.name in self.choices})
 
+    def uniform_points(self) -> list[dict[str, Any]]:
+        """Uniform plans a search should try first, as flat parameters (the rest is left to the sampler).
+
+        Every bit-width key at 8 with no pruning; each offered pruning ratio on every group, fp32
+        (a group that does not offer the ratio takes its largest offered ratio below it: that is
+        the same channel count, or the most it can be pruned); int8 with the smallest ratio. Only
+        what the space offers; the uncompressed point and repeats are left out. Such plans are
+        where mixed ones are measured against, and on a sampler's first generation they are
+        unlikely to be drawn.
+        """
+        prune, bits = self.get("prune"), self.get("bits")
+
+        def fixed(technique: str, values: dict[str, Any]) -> dict[str, Any]:
+            # a value the key does not offer is left to the sampler (Optuna rejects it)
+            choices = self.get(technique)
+            return {f"{technique}{SEPARATOR}{k}": v for k, v in values.items() if v in choices[k]}
+
+        def pruned(ratio: float) -> dict[str, Any]:
+            return fixed("prune", {k: max((c for c in v if c <= ratio), default=min(v)) for k, v in prune.items()})
+
+        int8 = fixed("bits", dict.fromkeys(bits, 8))
+        fp32 = fixed("bits", dict.fromkeys(bits, get("bits").neutral))
+        ratios = sorted({r for v in prune.values() for r in v if r > 0})
+        unpruned = pruned(0.0)
+        points = [{**unpruned, **int8}] if int8 else []
+        points += [{**pruned(r), **fp32} for r in ratios]
+        if int8 and ratios:
+            points.append({**pruned(ratios[0]), **int8})
+        neutral = {**unpruned, **fp32}
+        unique: list[dict[str, Any]] = []
+        for point in points:
+            if point and point != neutral and point not in unique:
+                unique.append(point)
+        return unique
+
     def size(self) -> int:
         """Number of distinct candidates."""
         n = 1

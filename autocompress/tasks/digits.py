@@ -1,5 +1,7 @@
 """Built-in ``digits`` task: scikit-learn's bundled 8x8 digits, upsampled to 32x32, and a CNN.
 
+``model: cnn`` (default) is the plain CNN below; ``model: mobilenet`` is the MobileNetV2-style
+network of :mod:`autocompress.models.mobilenet` (depthwise convolutions, inverted residuals).
 The CNN is sized so that its batch-1 latency at one thread is dominated by convolution compute
 rather than framework overhead (a near-empty network of the same depth is several times faster),
 so pruning shows up as real speed.
@@ -84,7 +86,11 @@ def stratified_datasets(
     )
 
 
+MODELS = ("cnn", "mobilenet")
+
+
 def digits_task(
+    model: str = "cnn",
     width: int = 32,
     hidden: int = 64,
     image_size: int = 32,
@@ -92,9 +98,17 @@ def digits_task(
     test_fraction: float = 0.2,
     split_seed: int = 0,
 ):
-    """The ``digits`` task: 1797 images, 10 classes, stratified 60/20/20 split by default."""
+    """The ``digits`` task: 1797 images, 10 classes, stratified 60/20/20 split by default.
+
+    ``model`` picks the network (:data:`MODELS`); ``width`` is the CNN's first-stage or the
+    MobileNet's stem channels, ``hidden`` the CNN's classifier width (the MobileNet's head has
+    ``8 * width`` channels).
+    """
+    from autocompress.models.mobilenet import mobilenet_v2_small
     from autocompress.tasks.base import Task
 
+    if model not in MODELS:
+        raise AutocompressError(f"task args: model={model!r} is not one of {', '.join(MODELS)}")
     if width < 1 or hidden < 1 or image_size < 8:
         raise AutocompressError(
             f"task args: width={width}, hidden={hidden} must be >= 1 and image_size={image_size} >= 8"
@@ -106,11 +120,15 @@ def digits_task(
     train, val, test = stratified_datasets(images.numpy(), bunch.target, val_fraction, test_fraction, split_seed)
     return Task(
         name="digits",
-        build_model=lambda: DigitsCNN(width=width, hidden=hidden),
+        build_model=(
+            (lambda: DigitsCNN(width=width, hidden=hidden))
+            if model == "cnn"
+            else (lambda: mobilenet_v2_small(in_channels=1, num_classes=10, width=width, last_channels=8 * width))
+        ),
         train=train,
         val=val,
         test=test,
         input_shape=(1, image_size, image_size),
         num_classes=10,
-        info={"samples": len(bunch.target), "source": "sklearn.datasets.load_digits"},
+        info={"samples": len(bunch.target), "source": "sklearn.datasets.load_digits", "model": model},
     )
