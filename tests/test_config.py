@@ -26,7 +26,7 @@ def test_example_files_are_valid(path):
     exp = load_experiment(path)
     assert isinstance(exp, Experiment)
     assert exp.search.n_trials >= 1
-    assert "accuracy" in exp.objectives
+    assert "metric" in exp.objectives
 
 
 BASE = {"name": "ok", "task": {"name": "digits"}}
@@ -42,7 +42,7 @@ MALFORMED = [
     ("bad sampler", {"search": {"sampler": "grid"}}, "search.sampler"),
     ("ratio out of range", {"space": {"prune": {"ratios": [0.5, 1.2]}}}, "pruning ratio 1.2 must be in [0, 1)"),
     ("unsupported bits", {"space": {"quantize": {"bits": [32, 16]}}}, "bit-width 16 is not supported"),
-    ("no accuracy objective", {"objectives": ["latency", "size"]}, "objectives must include 'accuracy'"),
+    ("no metric objective", {"objectives": ["latency", "size"]}, "must include 'metric'"),
     ("unknown objective", {"objectives": ["accuracy", "energy"]}, "objectives.1"),
     ("alpha above 1", {"space": {"distill": {"alpha": [1.5]}}}, "alpha 1.5 must be in [0, 1]"),
     ("zero temperature", {"space": {"distill": {"temperature": [0]}}}, "temperature 0"),
