@@ -19,6 +19,7 @@ from autocompress.hw_profiles.measure import MeasureSettings, measure_profile
 from autocompress.hw_profiles.target import load_target
 from autocompress.search import ray_backend, run_search
 from autocompress.search.objectives import measure_cost
+from autocompress.search.quality import QualityMetric
 from autocompress.search.ray_backend import (
     DURATION,
     EPOCH,
@@ -266,6 +267,9 @@ def test_scheduler_rungs_lie_before_the_last_epoch(tmp_path):
     data["search"]["ray"]["asha_grace_period"] = 2
     assert isinstance(make_scheduler(parse_experiment(data), logs.append), RecordingASHA)
     assert logs[-1].startswith("ASHA on val_metric (accuracy, maximized): rungs at epoch 2, 4 of 6")
+    # ASHA's mode follows the metric's direction
+    scheduler = make_scheduler(parse_experiment(data), logs.append, QualityMetric("mse", higher_is_better=False))
+    assert scheduler._metric_op == -1.0 and "(mse, minimized)" in logs[-1]  # Tune's sign for mode="min"
     data["search"]["early_stop"] = {"enabled": False}
     assert not isinstance(make_scheduler(parse_experiment(data), logs.append), RecordingASHA)
 

@@ -155,7 +155,22 @@ def test_budgets_mark_trials_and_reach_the_sampler(tmp_path):
     import optuna
 
     study = optuna.load_study(study_name=result.study_name, storage=parse_experiment(data).storage_url)
+    # the metric's direction is the task's, and stored with the study for readers without the task
+    assert study.user_attrs["metric.name"] == "accuracy" and study.user_attrs["metric.direction"] == "maximize"
+    assert study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     for t in study.trials:
         assert counted(t) and t.user_attrs["feasible"] is False
         # stored where Optuna's samplers read them (FrozenTrial.constraints)
         assert t.constraints and t.constraints["min_metric"] == pytest.approx(0.999 - t.values[0])
+
+
+def test_study_directions_and_the_progress_line_follow_the_metric():
+    from autocompress.search.objectives import directions
+    from autocompress.search.record import Progress
+
+    assert directions(["metric", "latency", "size"], MSE) == ["minimize", "minimize", "minimize"]
+    assert directions(["metric", "latency"], QualityMetric()) == ["maximize", "minimize"]
+    lines: list[str] = []
+    teacher = {"metric": 0.25, "latency_ms.host": 2.0, "size_bytes": 1000.0}
+    Progress(2, 0, teacher, "host", lines.append, MSE).trial(0, {**teacher, "metric": 0.3, "latency_ms.host": 1.0}, 1)
+    assert "mse 0.3000 (+5.00 pt)" in lines[0] and "acc" not in lines[0]
