@@ -32,7 +32,7 @@ from autocompress.runtimes import UnknownRuntime, canonical_name, get_runtime, r
 from autocompress.search.objectives import HOST, build_candidate, make_context, predicted_latency, runnable
 from autocompress.search.quality import ACCURACY, METRIC, QualityMetric, format_value
 from autocompress.search.report import Row
-from autocompress.search.store import StoredSearch, load_experiment_search
+from autocompress.search.store import StoredSearch, load_experiment_search, parse_objectives
 from autocompress.search.tracking import Tracker, flatten
 from autocompress.spaces.candidate import Candidate
 
@@ -144,8 +144,8 @@ def check_unchanged(exp: Experiment, search: StoredSearch) -> None:
         if not relevant or key in NOISE_KEYS or key not in search.params:
             continue
         then = search.params[key]
-        if key == "objectives":  # as read back, with 'accuracy' (before it was 'metric') normalised
-            then = str(search.objectives)
+        if key == "objectives":  # with 'accuracy' (the name before 'metric') normalised
+            then = str(parse_objectives(then, search.run_id))
         if key == "latency.runtime" and then != value:
             with contextlib.suppress(UnknownRuntime):  # a search logged before runtimes had one name ("torch")
                 then = canonical_name(str(then))

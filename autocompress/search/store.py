@@ -100,6 +100,11 @@ def _legacy(figures: dict[str, float]) -> dict[str, float]:
     return figures
 
 
+def _is_figure(key: str) -> bool:
+    """Whether ``key`` is one of the measured figures (Metrics.as_dict) rather than a readable alias."""
+    return key in (*_RECORD_METRICS, "compressed_size_bytes") or key.startswith(("latency_ms.", "latency_p90_ms."))
+
+
 def trial_records_from_runs(runs: Sequence[Run], legacy: bool = False) -> list[TrialRecord]:
     """Complete trial runs as :class:`TrialRecord` s, by trial number.
 
@@ -113,9 +118,7 @@ def trial_records_from_runs(runs: Sequence[Run], legacy: bool = False) -> list[T
         if TRIAL_TAG not in tags or tags.get(STATE_TAG) != COMPLETE:
             continue
         metrics = {
-            k: v
-            for k, v in (_legacy(run.data.metrics) if legacy else run.data.metrics).items()
-            if k in (*_RECORD_METRICS, "compressed_size_bytes") or k.startswith(("latency_ms.", "latency_p90_ms."))
+            k: v for k, v in (_legacy(run.data.metrics) if legacy else run.data.metrics).items() if _is_figure(k)
         }
         if not set(_RECORD_METRICS) <= metrics.keys():
             continue  # marked complete but its figures never arrived (a crash between the two writes)
@@ -141,7 +144,8 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list
             return runs
 
 
-def _objectives(value: str | None, run_id: str) -> list[str]:
+def parse_objectives(value: str | None, run_id: str) -> list[str]:
+    """The objectives a search logged (param ``objectives``), with old names normalised (``accuracy`` -> ``metric``)."""
     from autocompress.config import OBJECTIVE_ALIASES
 
     if value is None:
@@ -220,12 +224,15 @@ def load_search(client: MlflowClient, run_id: str, uri: str) -> StoredSearch:
         raise AutocompressError(str(err)) from None
     legacy = DIRECTION_KEY not in run.data.params
     teacher = {k[len(TEACHER_PREFIX) :]: v for k, v in run.data.metrics.items() if k.startswith(TEACHER_PREFIX)}
-    teacher = _legacy(teacher) if legacy else teacher
+    if legacy:
+        teacher = _legacy(teacher)
+    elif not _is_figure(metric.name):
+        teacher.pop(metric.name, None)  # the metric again under its own name, for people browsing MLflow
     if METRIC not in teacher or "size_bytes" not in teacher:
         raise AutocompressError(
             f"run {run_id} has no teacher.* metrics: its search stopped before the teacher was scored"
         )
-    objectives = _objectives(run.data.params.get("objectives"), run_id)
+    objectives = parse_objectives(run.data.params.get("objectives"), run_id)
     runs = child_runs(client, run.info.experiment_id, run_id)
     records = trial_records_from_runs(runs, legacy)
     experiment = client.get_experiment(run.info.experiment_id)
