@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autocompress",
         description="Hardware-aware compression search for PyTorch models: per-layer pruning and "
-        "quantization with distillation, scored on accuracy and measured latency, logged to MLflow.",
+        "quantization with distillation, scored on the task's metric and measured latency, logged to MLflow.",
     )
     parser.add_argument("--version", action="version", version=f"autocompress {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "search",
         help="run (or resume) a compression search",
         description="Run the experiment's search: train or load the teacher, score each "
-        "candidate (prune, fine-tune with distillation, quantize; accuracy, latency, size), "
+        "candidate (prune, fine-tune with distillation, quantize; the task's metric, latency, size), "
         "print and log the Pareto front. Finished trials are stored as they finish.",
     )
     experiment_args(p)

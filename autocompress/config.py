@@ -19,7 +19,8 @@ from autocompress.errors import ConfigError
 from autocompress.runtimes import canonical_name
 from autocompress.techniques.base import Section, Stage
 
-OBJECTIVES = ("accuracy", "latency", "size", "compressed_size")
+OBJECTIVES = ("metric", "latency", "size", "compressed_size")
+OBJECTIVE_ALIASES = {"accuracy": "metric"}  # the quality objective's name before tasks had other metrics
 
 
 _Section = Section  # forbid: a misspelt key must be an error, not a silently ignored setting
@@ -153,18 +154,46 @@ class LatencyConfig(_Section):
 
 
 class ConstraintsConfig(_Section):
-    """Budgets a candidate must meet to be feasible; infeasible trials still teach the sampler."""
+    """Budgets a candidate must meet to be feasible; infeasible trials still teach the sampler.
+
+    ``min_metric`` / ``max_metric`` bound the task's metric in its own units (no range is assumed),
+    whichever its direction; ``min_accuracy`` is still accepted for ``min_metric``.
+    """
 
     max_latency_ms: float | None = Field(default=None, gt=0, description="on the primary profile")
-    min_accuracy: float | None = Field(default=None, ge=0, le=1)
+    min_metric: float | None = Field(default=None, description="the task's metric at least this")
+    max_metric: float | None = Field(default=None, description="the task's metric at most this")
     max_size_mb: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "min_accuracy" in data:
+            data = dict(data)
+            if "min_metric" in data:
+                raise ValueError("min_accuracy is the old name of min_metric: set only min_metric")
+            data["min_metric"] = data.pop("min_accuracy")
+        return data
+
+    @model_validator(mode="after")
+    def _bounds_meet(self) -> ConstraintsConfig:
+        if self.min_metric is not None and self.max_metric is not None and self.min_metric > self.max_metric:
+            raise ValueError(
+                f"min_metric {self.min_metric:g} > max_metric {self.max_metric:g}: no candidate could be feasible"
+            )
+        return self
 
 
 class EarlyStopConfig(_Section):
-    """Stop a trial's fine-tune when its intermediate accuracy shows it cannot reach the front."""
+    """Stop a trial's fine-tune when its intermediate metric shows it cannot reach the front."""
 
     enabled: bool = True
-    margin: float = Field(default=0.05, ge=0, le=1, description="accuracy below the bar that is still let through")
+    margin: float | None = Field(
+        default=None,
+        ge=0,
+        description="how far past the bar (in metric units) a trial's best case is still let through; "
+        "default 5% of the teacher's |metric|",
+    )
     min_epochs: int = Field(default=1, ge=1, description="epochs before a trial may be stopped")
 
 
@@ -226,8 +255,9 @@ class Experiment(_Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     # compressed_size: the deployed file zipped (what sparsity and low-entropy weights shrink).
-    objectives: list[Literal["accuracy", "latency", "size", "compressed_size"]] = Field(
-        default_factory=lambda: ["accuracy", "latency", "size"]
+    # metric: the task's metric, in its direction ('accuracy' is still accepted for it).
+    objectives: list[Literal["metric", "latency", "size", "compressed_size"]] = Field(
+        default_factory=lambda: ["metric", "latency", "size"]
     )
     # Hardware profiles (shipped ids or JSON paths): every trial's latency is also predicted from
     # each one's lookup table, and each gets a front of its own.
@@ -235,13 +265,21 @@ class Experiment(_Section):
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _objective_aliases(cls, value: Any) -> Any:
+        # Old experiment files name the quality objective 'accuracy'; one name is used from here on.
+        if isinstance(value, list):
+            return [OBJECTIVE_ALIASES.get(o, o) if isinstance(o, str) else o for o in value]
+        return value
+
     @field_validator("objectives")
     @classmethod
     def _objectives(cls, value: list[str]) -> list[str]:
-        if "accuracy" not in value:
-            raise ValueError("objectives must include 'accuracy'")
+        if "metric" not in value:
+            raise ValueError(f"objectives {value} must include 'metric' (the task's metric; alias 'accuracy')")
         if len(value) < 2:
-            raise ValueError("objectives need 'accuracy' and at least one of 'latency', 'size', 'compressed_size'")
+            raise ValueError("objectives need 'metric' and at least one of 'latency', 'size', 'compressed_size'")
         if len(set(value)) != len(value):
             raise ValueError(f"objectives {value} repeat an entry")
         return value

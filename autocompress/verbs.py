@@ -75,9 +75,10 @@ def cmd_front(args: argparse.Namespace) -> int:
         front = search.front(profile)
         print(
             f"\nPareto front on profile '{profile}' ({len(front)} of {len(search.records)} complete trials; "
-            f"objectives: {', '.join(search.objectives)}):"
+            f"objectives: {', '.join(search.objectives)}; metric {search.metric.label()}):"
         )
-        print(format_table(front, search.teacher, profile, zipped="compressed_size" in search.objectives))
+        zipped = "compressed_size" in search.objectives
+        print(format_table(front, search.teacher, profile, zipped=zipped, metric=search.metric))
     return 0
 
 
@@ -87,7 +88,7 @@ def cmd_front(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from autocompress.search.select import Budget, BudgetNotMet, describe_selection, select
 
-    budget = Budget(max_latency_ms=args.max_latency_ms, min_accuracy=args.min_accuracy)
+    budget = Budget(max_latency_ms=args.max_latency_ms, min_metric=args.min_metric, max_metric=args.max_metric)
     exp = _load(args.experiment, args.set)
     try:
         selection = select(
@@ -246,8 +247,8 @@ def add_review_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "select",
         help="pick the best front member under a budget, rebuild, re-measure and export it",
-        description="Pick the best front member of the latest search (or --study) under a latency or accuracy "
-        "budget on one profile, rebuild it from teacher + candidate + seed, re-measure it (val and test accuracy; "
+        description="Pick the best front member of the latest search (or --study) under a latency or metric "
+        "budget on one profile, rebuild it from teacher + candidate + seed, re-measure it (val and test metric; "
         "latency on host), export ONNX (int8 for 8-bit layers), the torch model and a JSON model card, and log "
         "them as the nested MLflow run selected-<profile>. Exits 1, naming the closest member, when no member "
         "meets the budget.",
@@ -259,13 +260,22 @@ def add_review_commands(sub: argparse._SubParsersAction) -> None:
         "--max-latency-ms",
         type=float,
         metavar="X",
-        help="latency budget in ms on the profile: the most accurate member no slower than this is chosen",
+        help="latency budget in ms on the profile: the member with the best metric no slower than this is chosen",
     )
     budget.add_argument(
+        "--min-metric",
         "--min-accuracy",
+        dest="min_metric",
         type=float,
         metavar="Y",
-        help="accuracy floor (fraction, e.g. 0.97): the fastest member at least this accurate is chosen",
+        help="the task's metric at least Y, in its units (e.g. accuracy 0.97): the fastest such member is chosen",
+    )
+    budget.add_argument(
+        "--max-metric",
+        dest="max_metric",
+        type=float,
+        metavar="Y",
+        help="the task's metric at most Y, in its units (e.g. an MSE of 0.05): the fastest such member is chosen",
     )
     p.add_argument("--study", metavar="S", help="the search's study name (default: the experiment's latest)")
     p.add_argument(

@@ -26,7 +26,7 @@ def test_example_files_are_valid(path):
     exp = load_experiment(path)
     assert isinstance(exp, Experiment)
     assert exp.search.n_trials >= 1
-    assert "accuracy" in exp.objectives
+    assert "metric" in exp.objectives
 
 
 BASE = {"name": "ok", "task": {"name": "digits"}}
@@ -42,8 +42,20 @@ MALFORMED = [
     ("bad sampler", {"search": {"sampler": "grid"}}, "search.sampler"),
     ("ratio out of range", {"space": {"prune": {"ratios": [0.5, 1.2]}}}, "pruning ratio 1.2 must be in [0, 1)"),
     ("unsupported bits", {"space": {"quantize": {"bits": [32, 16]}}}, "bit-width 16 is not supported"),
-    ("no accuracy objective", {"objectives": ["latency", "size"]}, "objectives must include 'accuracy'"),
+    ("no metric objective", {"objectives": ["latency", "size"]}, "must include 'metric'"),
     ("unknown objective", {"objectives": ["accuracy", "energy"]}, "objectives.1"),
+    ("metric twice via its alias", {"objectives": ["metric", "accuracy", "size"]}, "repeat an entry"),
+    (
+        "old and new metric floor",
+        {"search": {"constraints": {"min_accuracy": 0.9, "min_metric": 0.8}}},
+        "set only min_metric",
+    ),
+    (
+        "metric bounds that exclude everything",
+        {"search": {"constraints": {"min_metric": 2.0, "max_metric": 1.0}}},
+        "min_metric 2 > max_metric 1",
+    ),
+    ("negative margin", {"search": {"early_stop": {"margin": -0.1}}}, "search.early_stop.margin"),
     ("alpha above 1", {"space": {"distill": {"alpha": [1.5]}}}, "alpha 1.5 must be in [0, 1]"),
     ("zero temperature", {"space": {"distill": {"temperature": [0]}}}, "temperature 0"),
     ("bad storage", {"search": {"storage": "study.db"}}, "is not a database URL"),
@@ -135,6 +147,18 @@ def test_defaults_are_sensible(tmp_path):
     assert exp.latency.threads == 1
     assert exp.storage_url.startswith("sqlite:///") and exp.storage_url.endswith("runs/ok/study.db")
     assert exp.tracking_uri.endswith("runs/mlflow.db")
+
+
+def test_the_metric_objective_and_its_budgets_take_any_units(tmp_path):
+    exp = load_experiment(_write(tmp_path, BASE))
+    assert exp.objectives == ["metric", "latency", "size"] and exp.search.early_stop.margin is None
+    old = {**BASE, "objectives": ["accuracy", "latency"], "search": {"constraints": {"min_accuracy": 0.9}}}
+    exp = load_experiment(_write(tmp_path, old))  # an experiment file written before 'metric'
+    assert exp.objectives == ["metric", "latency"] and exp.search.constraints.min_metric == 0.9
+    new = {"constraints": {"min_metric": -40.0, "max_metric": 250.0}, "early_stop": {"margin": 12.5}}
+    exp = load_experiment(_write(tmp_path, {**BASE, "search": new}))  # no [0, 1] range: an MSE, a log-likelihood
+    assert (exp.search.constraints.min_metric, exp.search.constraints.max_metric) == (-40.0, 250.0)
+    assert exp.search.early_stop.margin == 12.5
 
 
 def test_latency_runtime_choices_are_the_registered_runtimes(tmp_path):

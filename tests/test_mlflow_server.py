@@ -189,7 +189,7 @@ def test_search_record_is_readable_through_the_rest_api(logged):
     parent = parents[0]
     assert parent["info"]["status"] == "FINISHED"
     metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
-    assert metrics["teacher.accuracy"] == pytest.approx(result.teacher["accuracy"])
+    assert metrics["teacher.accuracy"] == pytest.approx(result.teacher["metric"])
     assert metrics["front_size.host"] == len(front) and metrics["trials.finished"] == exp.search.n_trials
     params = {p["key"]: p["value"] for p in parent["data"]["params"]}
     assert params["search.n_trials"] == str(exp.search.n_trials) and params["task.name"] == "digits"
@@ -210,7 +210,7 @@ def test_search_record_is_readable_through_the_rest_api(logged):
         if tags.get("front.host") == "True":
             on_front.add(int(tags["trial"]))
             row = next(r for r in front if r.trial == int(tags["trial"]))
-            assert child_metrics["accuracy"] == row.accuracy and child_metrics["latency_ms.host"] == row.latency_ms
+            assert child_metrics["accuracy"] == row.metric and child_metrics["latency_ms.host"] == row.latency_ms
     assert on_front == {r.trial for r in front}
 
     listed = _get(f"{api}/artifacts/list", run_id=result.parent_run_id, path="fronts")["files"]

@@ -19,6 +19,7 @@ from autocompress.hw_profiles.measure import MeasureSettings, measure_profile
 from autocompress.hw_profiles.target import load_target
 from autocompress.search import ray_backend, run_search
 from autocompress.search.objectives import measure_cost
+from autocompress.search.quality import QualityMetric
 from autocompress.search.ray_backend import (
     DURATION,
     EPOCH,
@@ -26,7 +27,7 @@ from autocompress.search.ray_backend import (
     METRICS,
     OBJECTIVES,
     PARTIAL,
-    VAL_ACCURACY,
+    VAL_METRIC,
     DefineByRun,
     MlflowRecorder,
     MultiObjectiveOptunaSearch,
@@ -51,8 +52,8 @@ def _experiment_dict(out_dir, backend: str) -> dict:
 
 def _dominates(a: dict, b: dict, objectives, profile: str = "host") -> bool:
     """Figures a dominate b: no worse on every objective (accuracy up, others down), better on one."""
-    keys = {"accuracy": "accuracy", "latency": f"latency_ms.{profile}", "size": "size_bytes"}
-    signs = {"accuracy": 1.0, "latency": -1.0, "size": -1.0}
+    keys = {"metric": "metric", "latency": f"latency_ms.{profile}", "size": "size_bytes"}
+    signs = {"metric": 1.0, "latency": -1.0, "size": -1.0}
     diffs = [signs[o] * (a[keys[o]] - b[keys[o]]) for o in objectives]
     return all(d >= 0 for d in diffs) and any(d > 0 for d in diffs)
 
@@ -100,13 +101,13 @@ def test_ray_search_records_every_trial_in_mlflow_and_fronts_the_complete_ones(b
     assert ray.is_initialized()  # joined the test's instance and left it running
     assert result.finished == exp.search.n_trials and result.failed == 0
     assert sum("ETA" in line for line in logs) == exp.search.n_trials
-    assert any(line.startswith("ASHA on val_accuracy: rungs at epoch 1 of 2") for line in logs)
+    assert any(line.startswith("ASHA on val_metric (accuracy, maximized): rungs at epoch 1 of 2") for line in logs)
 
     client = MlflowClient(tracking_uri=exp.tracking_uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["autocompress.backend"] == "ray"
     assert parent.data.params["search.backend"] == "ray"
-    assert parent.data.metrics["teacher.accuracy"] == pytest.approx(result.teacher["accuracy"])
+    assert parent.data.metrics["teacher.metric"] == pytest.approx(result.teacher["metric"])
     assert parent.data.metrics["trials.finished"] == exp.search.n_trials
     children = _children(client, parent)
     assert sorted(int(c.data.tags["trial"]) for c in children) == list(range(exp.search.n_trials))
@@ -114,11 +115,11 @@ def test_ray_search_records_every_trial_in_mlflow_and_fronts_the_complete_ones(b
     complete: dict[int, dict] = {}
     for child in children:
         state = child.data.tags["state"]
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_metric")]
         assert any(k.startswith("prune/") for k in child.data.params) and "kd/alpha" in child.data.params
         if state == "COMPLETE":
             assert child.info.status == "FINISHED"
-            assert {"accuracy", "latency_ms.host", "size_bytes", "params", "speedup.host", "duration_s"} <= set(
+            assert {"metric", "latency_ms.host", "size_bytes", "params", "speedup.host", "duration_s"} <= set(
                 child.data.metrics
             )
             assert steps == [1, 2]
@@ -129,9 +130,7 @@ def test_ray_search_records_every_trial_in_mlflow_and_fronts_the_complete_ones(b
             assert steps == [1]
             # what was measured before the stop is kept: the cost and the rung's accuracy
             assert {"latency_ms.host", "size_bytes", "duration_s"} <= set(child.data.metrics)
-            assert (
-                child.data.metrics["accuracy"] == client.get_metric_history(child.info.run_id, "val_accuracy")[0].value
-            )
+            assert child.data.metrics["metric"] == client.get_metric_history(child.info.run_id, "val_metric")[0].value
     stopped = exp.search.n_trials - len(complete)
     assert parent.data.metrics["trials.stopped"] == stopped
     assert sum("STOPPED" in line and "ETA" in line for line in logs) == stopped
@@ -141,7 +140,7 @@ def test_ray_search_records_every_trial_in_mlflow_and_fronts_the_complete_ones(b
     tagged = {int(c.data.tags["trial"]) for c in children if c.data.tags.get("front.host") == "True"}
     assert tagged == {row.trial for row in front}
     for row in front:  # the front's figures are the logged ones
-        assert row.accuracy == pytest.approx(complete[row.trial]["accuracy"])
+        assert row.metric == pytest.approx(complete[row.trial]["metric"])
         assert row.size_bytes == complete[row.trial]["size_bytes"]
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "fronts")}
     assert artifacts == {"fronts/front_host.csv", "fronts/front_host.png"}
@@ -198,7 +197,7 @@ def _searcher() -> MultiObjectiveOptunaSearch:
 
     return MultiObjectiveOptunaSearch(
         space=DefineByRun(SPACE),
-        metric=[f"{OBJECTIVES}/accuracy", f"{OBJECTIVES}/latency"],
+        metric=[f"{OBJECTIVES}/metric", f"{OBJECTIVES}/latency"],
         mode=["max", "min"],
         sampler=optuna.samplers.RandomSampler(seed=0),
     )
@@ -221,8 +220,8 @@ def test_searcher_tells_optuna_complete_pruned_and_failed():
     searcher = _searcher()
     for i in range(3):
         searcher.suggest(f"t{i}")
-    searcher.on_trial_complete("t0", {f"{OBJECTIVES}/accuracy": 0.9, f"{OBJECTIVES}/latency": 1.5})
-    searcher.on_trial_complete("t1", {EPOCH: 1, VAL_ACCURACY: 0.4})  # ASHA stop: only an epoch report
+    searcher.on_trial_complete("t0", {f"{OBJECTIVES}/metric": 0.9, f"{OBJECTIVES}/latency": 1.5})
+    searcher.on_trial_complete("t1", {EPOCH: 1, VAL_METRIC: 0.4})  # ASHA stop: only an epoch report
     searcher.on_trial_complete("t2", {FAIL_REASON: "RuntimeError: boom"})
     trials = searcher._ot_study.get_trials()  # the in-memory study OptunaSearch keeps
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
@@ -235,25 +234,25 @@ def test_searcher_stores_budget_violations_where_optunas_samplers_read_them():
 
     searcher = MultiObjectiveOptunaSearch(
         space=DefineByRun(SPACE),
-        metric=[f"{OBJECTIVES}/accuracy", f"{OBJECTIVES}/latency"],
+        metric=[f"{OBJECTIVES}/metric", f"{OBJECTIVES}/latency"],
         mode=["max", "min"],
         sampler=optuna.samplers.RandomSampler(seed=0),
-        constraints=ConstraintsConfig(max_latency_ms=1.0, min_accuracy=0.8),
+        constraints=ConstraintsConfig(max_latency_ms=1.0, min_metric=0.8),
         profile="host",
     )
     for i in range(3):
         searcher.suggest(f"t{i}")
-    figures = {"accuracy": 0.9, "latency_ms.host": 1.5, "size_bytes": 1000.0, "params": 300.0}
+    figures = {"metric": 0.9, "latency_ms.host": 1.5, "size_bytes": 1000.0, "params": 300.0}
     # results as Tune hands them to a searcher: flattened at "/"
     final = {f"{METRICS}/{k}": v for k, v in figures.items()}
-    searcher.on_trial_complete("t0", {**final, f"{OBJECTIVES}/accuracy": 0.9, f"{OBJECTIVES}/latency": 1.5})
-    partial = {f"{PARTIAL}/{k}": v for k, v in {**figures, "accuracy": 0.5, "latency_ms.host": 0.5}.items()}
-    searcher.on_trial_complete("t1", {EPOCH: 1, VAL_ACCURACY: 0.5, **partial})  # stopped: cost + last accuracy
+    searcher.on_trial_complete("t0", {**final, f"{OBJECTIVES}/metric": 0.9, f"{OBJECTIVES}/latency": 1.5})
+    partial = {f"{PARTIAL}/{k}": v for k, v in {**figures, "metric": 0.5, "latency_ms.host": 0.5}.items()}
+    searcher.on_trial_complete("t1", {EPOCH: 1, VAL_METRIC: 0.5, **partial})  # stopped: cost + last accuracy
     searcher.on_trial_complete("t2", {FAIL_REASON: "RuntimeError: boom"})
     trials = searcher._ot_study.get_trials()
     # as the Optuna backend stores them (Trial.set_constraint): read back by FrozenTrial.constraints
-    assert trials[0].constraints == pytest.approx({"max_latency_ms": 0.5, "min_accuracy": -0.1})
-    assert trials[1].constraints == pytest.approx({"max_latency_ms": -0.5, "min_accuracy": 0.3})
+    assert trials[0].constraints == pytest.approx({"max_latency_ms": 0.5, "min_metric": -0.1})
+    assert trials[1].constraints == pytest.approx({"max_latency_ms": -0.5, "min_metric": 0.3})
     assert trials[2].constraints == {}  # nothing was measured
     assert _get_feasible_trials(trials) == [trials[2]]  # what NSGA-II and TPE rank on
 
@@ -267,7 +266,10 @@ def test_scheduler_rungs_lie_before_the_last_epoch(tmp_path):
     data["finetune"]["epochs"] = 6
     data["search"]["ray"]["asha_grace_period"] = 2
     assert isinstance(make_scheduler(parse_experiment(data), logs.append), RecordingASHA)
-    assert logs[-1].startswith("ASHA on val_accuracy: rungs at epoch 2, 4 of 6")
+    assert logs[-1].startswith("ASHA on val_metric (accuracy, maximized): rungs at epoch 2, 4 of 6")
+    # ASHA's mode follows the metric's direction
+    scheduler = make_scheduler(parse_experiment(data), logs.append, QualityMetric("mse", higher_is_better=False))
+    assert scheduler._metric_op == -1.0 and "(mse, minimized)" in logs[-1]  # Tune's sign for mode="min"
     data["search"]["early_stop"] = {"enabled": False}
     assert not isinstance(make_scheduler(parse_experiment(data), logs.append), RecordingASHA)
 
@@ -277,7 +279,7 @@ def test_recorder_records_complete_stopped_and_failed_trials(tmp_path):
     exp.out_dir.mkdir(parents=True)
     tracker = Tracker(exp.tracking_uri, "recorder")
     parent_id = tracker.start_run("search")
-    teacher = {"accuracy": 0.9, "latency_ms.host": 2.0, "size_bytes": 4000.0, "params": 1000.0}
+    teacher = {"metric": 0.9, "latency_ms.host": 2.0, "size_bytes": 4000.0, "params": 1000.0}
     logs: list[str] = []
     stop_reasons: dict[str, str] = {}
     recorder = MlflowRecorder(
@@ -288,15 +290,15 @@ def test_recorder_records_complete_stopped_and_failed_trials(tmp_path):
     def trial(trial_id, last_result=None, error=None):
         return SimpleNamespace(trial_id=trial_id, config=config, last_result=last_result or {}, get_error=lambda: error)
 
-    metrics = {"accuracy": 0.85, "latency_ms.host": 1.0, "size_bytes": 1000.0, "params": 300.0}
+    metrics = {"metric": 0.85, "latency_ms.host": 1.0, "size_bytes": 1000.0, "params": 300.0}
     done = trial("a", {METRICS: metrics, OBJECTIVES: {}, DURATION: 1.5})
     recorder.on_trial_start(0, [], done)
-    recorder.on_trial_result(0, [], done, {EPOCH: 1, VAL_ACCURACY: 0.8})
+    recorder.on_trial_result(0, [], done, {EPOCH: 1, VAL_METRIC: 0.8})
     recorder.on_trial_complete(0, [], done)
-    partial = {**metrics, "accuracy": 0.3}
-    stopped = trial("b", {EPOCH: 1, VAL_ACCURACY: 0.3, PARTIAL: partial, DURATION: 0.7})
+    partial = {**metrics, "metric": 0.3}
+    stopped = trial("b", {EPOCH: 1, VAL_METRIC: 0.3, PARTIAL: partial, DURATION: 0.7})
     recorder.on_trial_start(0, [], stopped)
-    stop_reasons["b"] = "stopped by ASHA at epoch 1: val_accuracy 0.3000 below the rung's cutoff"
+    stop_reasons["b"] = "stopped by ASHA at epoch 1: val accuracy 0.3000 worse than the rung's cutoff"
     recorder.on_trial_complete(0, [], stopped)
     failed = trial("c", {FAIL_REASON: "RuntimeError: boom", DURATION: 0.2})
     recorder.on_trial_start(0, [], failed)
@@ -314,10 +316,11 @@ def test_recorder_records_complete_stopped_and_failed_trials(tmp_path):
     assert a.data.tags["state"] == "COMPLETE" and a.data.tags["feasible"] == "True"
     assert a.data.params["bits/features.0"] == "8"
     assert b.info.status == "FINISHED" and b.data.tags["state"] == "PRUNED" and "ASHA" in b.data.tags["stop_reason"]
-    assert b.data.metrics["accuracy"] == 0.3 and b.data.metrics["duration_s"] == 0.7
+    assert b.data.metrics["metric"] == 0.3 and b.data.metrics["duration_s"] == 0.7
+    assert b.data.metrics["accuracy"] == 0.3  # also under the task's metric name
     assert c.info.status == "FAILED" and c.data.tags["fail_reason"] == "RuntimeError: boom"
     assert d.info.status == "FAILED" and d.data.tags["fail_reason"].endswith("The actor died unexpectedly")
-    assert [line.split()[3] for line in logs] == ["acc", "STOPPED", "FAILED", "FAILED"]
+    assert [line.split()[3] for line in logs] == ["accuracy", "STOPPED", "FAILED", "FAILED"]
 
 
 PROFILE = "tiny-eager"

@@ -39,7 +39,7 @@ def test_fp32_scores_agree_between_runtimes(trained):
     task, model = trained
     onnx = measure(model, {}, _ctx(task, model, "onnxruntime"))
     eager = measure(model, {}, _ctx(task, model, "torch"))
-    assert onnx.accuracy == pytest.approx(eager.accuracy, abs=1e-9)
+    assert onnx.metric == pytest.approx(eager.metric, abs=1e-9)
     assert onnx.size_bytes == eager.size_bytes == model_size_bytes(model)
     assert onnx.latency_ms["host"] > 0 and eager.latency_ms["host"] > 0
 
@@ -49,7 +49,7 @@ def test_int8_accuracy_is_measured_on_the_quantized_deployment(trained):
     bits = {n: 8 for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
     deployed = measure(model, bits, _ctx(task, model, "onnxruntime"))
     fp32 = evaluate(model, task.loader("val", 256))
-    assert abs(deployed.accuracy - fp32) <= 0.02  # int8 costs little accuracy ...
+    assert abs(deployed.metric - fp32) <= 0.02  # int8 costs little accuracy ...
     # ... but it is the quantized model that was scored: its logits differ from the fp32 model's
     x = task.example_input(4)
     calibration = [b for b, _ in list(task.loader("train", 64))[:4]]

@@ -94,7 +94,7 @@ def test_pruned_candidates_are_smaller_and_rebuild_to_the_logged_figures(finishe
     model, metrics = objectives_module.score_candidate(Candidate.from_params(row.candidate), ctx)
     assert model(task.example_input(3)).shape == (3, 10)
     assert metrics.params == row.params and metrics.size_bytes == row.size_bytes
-    assert metrics.accuracy == pytest.approx(row.accuracy, abs=1e-6)
+    assert metrics.metric == pytest.approx(row.metric, abs=1e-6)
     # `select` rebuilds without measuring the cost first (build_candidate): the same model all the same
     rebuilt = objectives_module.build_candidate(Candidate.from_params(row.candidate), ctx)
     for (name, a), b in zip(model.state_dict().items(), rebuilt.model.state_dict().values(), strict=True):
@@ -107,7 +107,9 @@ def test_mlflow_holds_parent_and_child_runs(finished_search):
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["search.n_trials"] == str(exp.search.n_trials)
-    assert parent.data.metrics["teacher.accuracy"] == pytest.approx(result.teacher["accuracy"])
+    assert parent.data.metrics["teacher.metric"] == pytest.approx(result.teacher["metric"])
+    assert parent.data.metrics["teacher.accuracy"] == parent.data.metrics["teacher.metric"]  # readable name
+    assert parent.data.params["metric.name"] == "accuracy" and parent.data.params["metric.direction"] == "maximize"
     assert parent.data.tags["profile.host.threads"] == str(exp.latency.threads)
     assert parent.data.tags["profile.host.cpu"]
     children = client.search_runs(
@@ -116,10 +118,12 @@ def test_mlflow_holds_parent_and_child_runs(finished_search):
     assert len(children) == exp.search.n_trials
     for child in children:
         assert child.info.status == "FINISHED"
-        assert {"accuracy", "latency_ms.host", "size_bytes", "params"} <= set(child.data.metrics)
+        assert {"metric", "accuracy", "latency_ms.host", "size_bytes", "params"} <= set(child.data.metrics)
         assert any(k.startswith("prune/") for k in child.data.params)
         assert child.data.tags["state"] in ("COMPLETE", "PRUNED")
-        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        history = client.get_metric_history(child.info.run_id, "val_metric")
+        readable = client.get_metric_history(child.info.run_id, "val_accuracy")  # the task's metric name
+        assert [(m.step, m.value) for m in readable] == [(m.step, m.value) for m in history]
         epochs = exp.finetune.epochs if child.data.tags["state"] == "COMPLETE" else len(history)
         assert [m.step for m in history] == list(range(1, epochs + 1)) and history
     tagged = [c for c in children if c.data.tags.get("front.host") == "True"]

@@ -20,9 +20,11 @@ from optuna.trial import TrialState
 from autocompress.cli import main
 from autocompress.compress.deploy import OrtModel
 from autocompress.config import load_experiment
+from autocompress.errors import AutocompressError
 from autocompress.evaluators import count_parameters, evaluate, model_size_bytes
 from autocompress.search import run_search
 from autocompress.search.objectives import build_candidate, make_context, runnable
+from autocompress.search.quality import QualityMetric
 from autocompress.search.report import Row, format_table
 from autocompress.search.select import Budget, BudgetNotMet, pick
 from autocompress.search.store import load_search, open_client
@@ -121,14 +123,40 @@ def test_pick_applies_the_budget_and_breaks_ties():
     front = [_row(1, 0.90, 0.10), _row(2, 0.95, 0.20), _row(3, 0.95, 0.15, size=2000.0), _row(4, 0.99, 0.40)]
     assert pick(front, Budget(max_latency_ms=0.25), "host").trial == 3  # 0.95 twice: the faster
     assert pick(front, Budget(max_latency_ms=0.40), "host").trial == 4  # the bound is inclusive
-    assert pick(front, Budget(min_accuracy=0.95), "host").trial == 3  # fastest at >= 0.95
-    assert pick(front, Budget(min_accuracy=0.90), "host").trial == 1
+    assert pick(front, Budget(min_metric=0.95), "host").trial == 3  # fastest at >= 0.95
+    assert pick(front, Budget(min_metric=0.90), "host").trial == 1
     with pytest.raises(BudgetNotMet) as err:
         pick(front, Budget(max_latency_ms=0.05), "host")
     assert err.value.closest.trial == 1
     with pytest.raises(BudgetNotMet) as err:
-        pick(front, Budget(min_accuracy=0.995), "host")
+        pick(front, Budget(min_metric=0.995), "host")
     assert err.value.closest.trial == 4 and "closest: trial 4" in str(err.value)
+
+
+def test_pick_follows_a_lower_is_better_metric():
+    mse = QualityMetric("mse", higher_is_better=False)
+    # a front under MSE: the slower, the lower the error
+    front = [_row(1, 0.40, 0.10), _row(2, 0.25, 0.20), _row(3, 0.25, 0.15, size=2000.0), _row(4, 0.05, 0.40)]
+    assert pick(front, Budget(max_latency_ms=0.25), "host", mse).trial == 3  # the lowest MSE within it, faster
+    assert pick(front, Budget(max_latency_ms=1.0), "host", mse).trial == 4
+    assert pick(front, Budget(max_metric=0.30), "host", mse).trial == 3  # the fastest with MSE <= 0.30
+    assert pick(front, Budget(max_metric=0.05), "host", mse).trial == 4  # the bound is inclusive
+    with pytest.raises(BudgetNotMet) as err:
+        pick(front, Budget(max_metric=0.01), "host", mse)
+    assert err.value.closest.trial == 4 and "mse <= 0.01" in str(err.value) and "mse 0.0500" in str(err.value)
+    # a floor is a floor whatever the direction: the fastest member with MSE >= 0.3
+    assert pick(front, Budget(min_metric=0.3), "host", mse).trial == 1
+    with pytest.raises(BudgetNotMet) as err:
+        pick(front, Budget(max_latency_ms=0.05), "host", mse)
+    assert err.value.closest.trial == 1
+
+
+def test_budget_needs_exactly_one_bound_and_no_metric_range():
+    assert Budget(min_metric=250.0).describe() == "accuracy >= 250"  # any unit: the metric is the task's
+    assert Budget(max_metric=-3.5).describe(QualityMetric("loss", False)) == "loss <= -3.5"
+    for kwargs in ({}, {"max_latency_ms": 1.0, "max_metric": 0.2}, {"min_metric": 0.1, "max_metric": 0.2}):
+        with pytest.raises(AutocompressError, match="exactly one budget"):
+            Budget(**kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +195,8 @@ def test_select_picks_the_most_accurate_member_within_the_latency_budget(searche
     best = max(within, key=lambda p: (p[1], -p[2], -p[3]))
     assert card["provenance"]["trial"] == best[0]
     assert f"selected trial {best[0]} on profile 'host'" in stdout
-    assert card["metrics"]["searched"]["accuracy"] == best[1]
+    assert card["metrics"]["searched"]["metric"] == best[1]
+    assert card["metric"] == {"name": "accuracy", "direction": "maximize"}
     assert card["metrics"]["searched"]["latency_ms"] == best[2] <= budget
     assert card["budget"] == {"max_latency_ms": budget} and card["profile"] == "host"
 
@@ -216,11 +245,11 @@ def test_model_card_records_the_rebuilt_models_evaluation_and_provenance(searche
     rebuilt = build_candidate(Candidate.from_params(card["candidate"]["params"]), ctx)
     executable = runnable(rebuilt.model, rebuilt.bits, ctx, out / "check")
     remeasured = card["metrics"]["remeasured"]
-    assert remeasured["val_accuracy"] == evaluate(executable, task.loader("val", 256), task.metric)
-    assert remeasured["test_accuracy"] == evaluate(executable, task.loader("test", 256), task.metric)
+    assert remeasured["val_metric"] == evaluate(executable, task.loader("val", 256), task.metric)
+    assert remeasured["test_metric"] == evaluate(executable, task.loader("test", 256), task.metric)
     # ... and the shipped file is the one those figures describe.
     shipped = OrtModel(out / card["deployment"]["onnx"])
-    assert remeasured["val_accuracy"] == evaluate(shipped, task.loader("val", 256), task.metric)
+    assert remeasured["val_metric"] == evaluate(shipped, task.loader("val", 256), task.metric)
     assert remeasured["latency_ms"] > 0 and "re-measured on this host" in card["metrics"]["latency_source"]
     assert remeasured["size_bytes"] == model_size_bytes(rebuilt.model, rebuilt.bits)
     assert remeasured["params"] == count_parameters(rebuilt.model) == card["metrics"]["searched"]["params"]
@@ -233,8 +262,11 @@ def test_selected_run_holds_the_files_and_the_model_is_registered(searched, sele
     run = client.get_run(card["provenance"]["mlflow"]["selected_run_id"])
     assert run.info.run_name == "selected-host" and run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
-    assert run.data.metrics["accuracy"] == card["metrics"]["remeasured"]["val_accuracy"]
-    assert run.data.metrics["test_accuracy"] == card["metrics"]["remeasured"]["test_accuracy"]
+    assert run.data.metrics["metric"] == card["metrics"]["remeasured"]["val_metric"]
+    assert run.data.metrics["test_metric"] == card["metrics"]["remeasured"]["test_metric"]
+    # ... and under the task's metric name, for people reading MLflow
+    assert run.data.metrics["accuracy"] == run.data.metrics["metric"]
+    assert run.data.metrics["test_accuracy"] == run.data.metrics["test_metric"]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     expected = {f"model/{n}" for n in ("model.fp32.onnx", "model.pt", "state_dict.pt", "model_card.json")}
     expected.add(f"model/{card['deployment']['onnx']}")
@@ -255,18 +287,18 @@ def test_impossible_budget_names_the_closest_member_and_exits_1(searched, select
     client = MlflowClient(tracking_uri=exp.tracking_uri)
     experiment_id = client.get_run(result.parent_run_id).info.experiment_id
     runs_before = len(client.search_runs([experiment_id]))
-    fastest = min(result.fronts["host"], key=lambda r: (r.latency_ms, -r.accuracy))
+    fastest = min(result.fronts["host"], key=lambda r: (r.latency_ms, -r.metric))
     assert main(["select", str(path), "--profile", "host", "--max-latency-ms", "1e-6"]) == 1
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and captured.out == ""
     assert (
-        f"closest: trial {fastest.trial} (accuracy {fastest.accuracy:.4f}, latency {fastest.latency_ms:.3f} ms"
+        f"closest: trial {fastest.trial} (accuracy {fastest.metric:.4f}, latency {fastest.latency_ms:.3f} ms"
         in (lines[0])
     )
-    most_accurate = max(result.fronts["host"], key=lambda r: (r.accuracy, -r.latency_ms))
-    if most_accurate.accuracy < 1.0:
-        floor = repr(most_accurate.accuracy + 1e-6)
+    most_accurate = max(result.fronts["host"], key=lambda r: (r.metric, -r.latency_ms))
+    if most_accurate.metric < 1.0:
+        floor = repr(most_accurate.metric + 1e-6)
         assert main(["select", str(path), "--profile", "host", "--min-accuracy", floor]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"closest: trial {most_accurate.trial} " in err
@@ -282,3 +314,50 @@ def test_select_refuses_a_changed_experiment_and_an_unknown_profile(searched, ca
     assert "finetune.epochs is '2' now but was '1'" in err and len(err.strip().splitlines()) == 1
     assert main([*argv, "--profile", "pixel7"]) == 2
     assert "profile 'pixel7'" in capsys.readouterr().err
+
+
+def _stored_mse_search(tmp_path):
+    """A search record as a lower-is-better task's search writes it (synthetic: no task is loaded to read it)."""
+    from autocompress.search.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "tiny", tmp_path / "mlartifacts")
+    parent = tracker.start_run("tiny-mse", tags={"autocompress.study": "tiny-mse"})
+    tracker.log(
+        parent,
+        params={"objectives": "['metric', 'latency', 'size']", "metric.name": "mse", "metric.direction": "minimize"},
+        metrics={"teacher.metric": 0.10, "teacher.size_bytes": 1000.0, "teacher.latency_ms.host": 1.0},
+    )
+    # (mse, latency): trial 0 is dominated by trial 1 (lower MSE, faster); 3 is the fastest
+    for number, (mse, latency) in enumerate([(0.30, 0.8), (0.20, 0.6), (0.12, 0.9), (0.50, 0.2)]):
+        run = tracker.start_run(f"trial-{number}", parent, tags={"trial": number, "state": "COMPLETE"})
+        figures = {"metric": mse, "mse": mse, "size_bytes": 500.0, "params": 10.0, "latency_ms.host": latency}
+        tracker.log(run, params={"prune/g": "0.5"}, metrics=figures)
+        tracker.end_run(run)
+    tracker.end_run(parent)
+    return uri, parent
+
+
+def test_a_stored_lower_is_better_search_is_fronted_and_selected_by_its_direction(tmp_path, capsys):
+    uri, parent = _stored_mse_search(tmp_path)
+    search = load_search(open_client(uri), parent, uri)
+    assert search.metric == QualityMetric("mse", higher_is_better=False)
+    assert [r.trial for r in search.front("host")] == [3, 1, 2]  # trial 0 (worse MSE, slower than 1) is off
+
+    assert main(["front", parent, "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "metric mse (lower is better)" in out and re.search(r"^\s*trial\s+mse\s+Δ pt", out, re.M)
+    assert "accuracy" not in out
+
+    path = tmp_path / "tiny.yaml"
+    data = tiny_experiment_dict(tmp_path / "tiny")
+    data["tracking"]["uri"] = uri
+    path.write_text(yaml.safe_dump(data))
+    # no member has an MSE of at most 0.1: exit 1 naming the lowest-MSE member, nothing rebuilt
+    assert main(["select", str(path), "--profile", "host", "--max-metric", "0.1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mse <= 0.1" in err and "closest: trial 2 (mse 0.1200" in err
+    # under a latency budget the lowest MSE within it is the one to build (picked before any rebuild)
+    front = search.front("host")
+    assert pick(front, Budget(max_latency_ms=0.7), "host", search.metric).trial == 1
+    assert pick(front, Budget(max_metric=0.25), "host", search.metric).trial == 1  # fastest with MSE <= 0.25

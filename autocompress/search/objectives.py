@@ -1,4 +1,4 @@
-"""Score a candidate: build it, measure accuracy, latency and size, and turn them into objectives.
+"""Score a candidate: build it, measure its metric, latency and size, and turn them into objectives.
 
 This is the objective function shared by every search backend; it receives plain values (a
 candidate and a :class:`TrialContext`) and knows nothing about the search that called it.
@@ -25,13 +25,24 @@ from autocompress.evaluators import compressed_size_bytes, count_parameters, eva
 from autocompress.hw_profiles.predictor import ProfileMismatchWarning, predict
 from autocompress.hw_profiles.profile import Profile, load_profile, resolve_profile_path
 from autocompress.runtimes import get_runtime
+from autocompress.search.quality import METRIC, QualityMetric
 from autocompress.spaces.candidate import Candidate
 from autocompress.tasks import Task
 from autocompress.techniques import techniques
 
 HOST = "host"  # the latency profile "measured on this machine"
 
-DIRECTIONS = {"accuracy": "maximize", "latency": "minimize", "size": "minimize", "compressed_size": "minimize"}
+COST_DIRECTIONS = {"latency": "minimize", "size": "minimize", "compressed_size": "minimize"}
+
+
+def direction(objective: str, metric: QualityMetric) -> str:
+    """``maximize`` or ``minimize`` for ``objective``; ``metric`` follows the task's direction."""
+    return metric.direction if objective == METRIC else COST_DIRECTIONS[objective]
+
+
+def directions(objectives: list[str], metric: QualityMetric) -> list[str]:
+    """The study's directions, in the experiment's objective order."""
+    return [direction(o, metric) for o in objectives]
 
 
 @dataclass(frozen=True)
@@ -72,9 +83,10 @@ def make_context(exp: Experiment, teacher: nn.Module, task: Task) -> TrialContex
 
 @dataclass(frozen=True)
 class Metrics:
-    """Measured figures of one model. ``latency_ms`` is per profile (``"host"`` = measured here)."""
+    """Measured figures of one model: ``metric`` is the task's metric; ``latency_ms`` is per profile
+    (``"host"`` = measured here)."""
 
-    accuracy: float
+    metric: float
     latency_ms: dict[str, float]
     latency_p90_ms: dict[str, float]
     size_bytes: int
@@ -83,7 +95,7 @@ class Metrics:
 
     def as_dict(self) -> dict[str, float]:
         """Flat metric names as logged to MLflow (``latency_ms.host`` ...)."""
-        flat = {"accuracy": self.accuracy, "size_bytes": float(self.size_bytes), "params": float(self.params)}
+        flat = {METRIC: self.metric, "size_bytes": float(self.size_bytes), "params": float(self.params)}
         if self.compressed_size_bytes is not None:
             flat["compressed_size_bytes"] = float(self.compressed_size_bytes)
         flat.update({f"latency_ms.{k}": v for k, v in self.latency_ms.items()})
@@ -173,15 +185,15 @@ def measure_cost(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> C
     return _cost(plain, bits, lat, ctx)
 
 
-def metrics_from(accuracy: float, cost: Cost, compressed_size: int | None = None) -> Metrics:
-    """Combine a measured accuracy, cost and (once deployed) zipped artifact size into :class:`Metrics`."""
-    return Metrics(accuracy, cost.latency_ms, cost.latency_p90_ms, cost.size_bytes, cost.params, compressed_size)
+def metrics_from(metric: float, cost: Cost, compressed_size: int | None = None) -> Metrics:
+    """Combine a measured metric, cost and (once deployed) zipped artifact size into :class:`Metrics`."""
+    return Metrics(metric, cost.latency_ms, cost.latency_p90_ms, cost.size_bytes, cost.params, compressed_size)
 
 
 def measure(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> Metrics:
-    """Accuracy on the validation split, host latency, size and parameter count of a finished model.
+    """The task's metric on the validation split, host latency, size and parameter count of a finished model.
 
-    Accuracy and latency are both measured on :func:`runnable` (for ``onnxruntime``, the deployed
+    The metric and latency are both measured on :func:`runnable` (for ``onnxruntime``, the deployed
     model with real int8 kernels), so what is scored is what would ship.
     """
     acc, lat, zipped = _run(model, bits, ctx, accuracy=True, latency=ctx.latency.measure_host)
@@ -212,9 +224,9 @@ def score_candidate(
     on_epoch: Callable[[int, float | None, Cost], None] | None = None,
 ) -> tuple[nn.Module, Metrics]:
     """Build ``candidate`` and measure it: cost first (from the architecture), then the fine-tune,
-    then accuracy on the deployed model.
+    then the metric on the deployed model.
 
-    ``on_epoch(epoch, val_accuracy, cost)`` runs after each fine-tune epoch and may raise to stop
+    ``on_epoch(epoch, val_metric, cost)`` runs after each fine-tune epoch and may raise to stop
     a hopeless trial (see :mod:`autocompress.search.early_stop`).
     """
 
@@ -238,10 +250,10 @@ def score_candidate(
 
 
 def objective_values(metrics: Metrics, objectives: list[str], profile: str) -> list[float]:
-    """The study's objective vector, in the experiment's order (directions in ``DIRECTIONS``);
+    """The study's objective vector, in the experiment's order (directions by :func:`directions`);
     latency is the one on ``profile`` (the experiment's primary profile)."""
     table = {
-        "accuracy": metrics.accuracy,
+        METRIC: metrics.metric,
         "latency": metrics.latency_ms[profile],
         "size": float(metrics.size_bytes),
         "compressed_size": float("nan" if metrics.compressed_size_bytes is None else metrics.compressed_size_bytes),

@@ -20,8 +20,9 @@ from optuna.trial import TrialState
 
 from autocompress.config import Experiment
 from autocompress.errors import AutocompressError
-from autocompress.search.early_stop import Finished, HopelessRule, TrialStopped
-from autocompress.search.objectives import DIRECTIONS, Cost, metrics_from, objective_values, score_candidate
+from autocompress.search.early_stop import Finished, HopelessRule, TrialStopped, resolve_margin
+from autocompress.search.objectives import Cost, directions, metrics_from, objective_values, score_candidate
+from autocompress.search.quality import ACCURACY, METRIC, QualityMetric
 from autocompress.search.record import (
     CURVE_ATTR,
     EXPERIMENT_ATTR,
@@ -111,8 +112,11 @@ def fingerprint(exp: Experiment, space: SearchSpace) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def open_study(exp: Experiment, space: SearchSpace, resume: bool | str) -> tuple[optuna.Study, bool]:
-    """Create a new study, or load the one to resume; returns ``(study, resumed)``."""
+def open_study(
+    exp: Experiment, space: SearchSpace, resume: bool | str, metric: QualityMetric = ACCURACY
+) -> tuple[optuna.Study, bool]:
+    """Create a new study (``metric``: the task's, whose direction the study optimises), or load the
+    one to resume; returns ``(study, resumed)``."""
     exp.out_dir.mkdir(parents=True, exist_ok=True)
     try:
         storage = optuna.storages.RDBStorage(exp.storage_url)
@@ -140,7 +144,7 @@ def open_study(exp: Experiment, space: SearchSpace, resume: bool | str) -> tuple
             storage=storage,
             sampler=make_sampler(exp.search, exp.search_seed),
             study_name=name,
-            directions=[DIRECTIONS[o] for o in exp.objectives],
+            directions=directions(exp.objectives, metric),
         )
     except optuna.exceptions.DuplicatedStudyError:
         raise AutocompressError(
@@ -149,6 +153,8 @@ def open_study(exp: Experiment, space: SearchSpace, resume: bool | str) -> tuple
         ) from None
     study.set_user_attr(EXPERIMENT_ATTR, exp.name)
     study.set_user_attr(FINGERPRINT_ATTR, fp)
+    for key, value in metric.attrs().items():  # the direction, readable without the task
+        study.set_user_attr(key, value)
     return study, False
 
 
@@ -208,7 +214,7 @@ def run_optuna_search(
     """Run (or resume) the search of ``exp`` on Optuna until ``n_trials`` trials are finished or time runs out."""
     setup = prepare_search(exp, retrain=retrain, log=log)
     space, teacher_metrics = setup.space, setup.teacher_metrics
-    study, resumed = open_study(exp, space, resume)
+    study, resumed = open_study(exp, space, resume, setup.metric)
     tracker = open_tracker(exp)
     parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
     if parent_id is None:
@@ -226,8 +232,8 @@ def run_optuna_search(
         f"MLflow run {parent_id} at {exp.tracking_uri}"
     )
 
-    progress = Progress(exp.search.n_trials, finished_count(study), teacher_metrics, exp.primary, log)
-    recorder = TrialRecorder(tracker, parent_id, teacher_metrics, exp.search.constraints, progress)
+    progress = Progress(exp.search.n_trials, finished_count(study), teacher_metrics, exp.primary, log, setup.metric)
+    recorder = TrialRecorder(tracker, parent_id, teacher_metrics, exp.search.constraints, progress, setup.metric)
     loop = _OptunaLoop(study, setup, exp, recorder)
     started = time.monotonic()
     status = "FINISHED"
@@ -242,7 +248,7 @@ def run_optuna_search(
         ) from None
     finally:
         _join_workers(workers, log)
-        result = _finish(study, exp, tracker, parent_id, teacher_metrics, status, log)
+        result = _finish(study, exp, tracker, parent_id, teacher_metrics, status, log, setup.metric)
     return result
 
 
@@ -305,8 +311,8 @@ def _worker_main(exp_data: dict, study_name: str, parent_id: str, teacher: dict[
     study = optuna.load_study(study_name=study_name, storage=exp.storage_url)
     # Each worker samples with its own seed: identical samplers would propose identical trials.
     study.sampler = make_sampler(exp.search, exp.search_seed + 7919 * index + len(study.trials))
-    progress = Progress(exp.search.n_trials, finished_count(study), teacher, exp.primary, log)
-    recorder = TrialRecorder(open_tracker(exp), parent_id, teacher, exp.search.constraints, progress)
+    progress = Progress(exp.search.n_trials, finished_count(study), teacher, exp.primary, log, setup.metric)
+    recorder = TrialRecorder(open_tracker(exp), parent_id, teacher, exp.search.constraints, progress, setup.metric)
     try:
         run_trials(study, _OptunaLoop(study, setup, exp, recorder), exp, time.monotonic(), log)
     except KeyboardInterrupt:
@@ -328,22 +334,26 @@ class _OptunaLoop:
             Finished(
                 costs=t.user_attrs[METRICS_ATTR],
                 curve=t.user_attrs.get(CURVE_ATTR, []),
-                final=t.user_attrs[METRICS_ATTR]["accuracy"],
+                final=t.user_attrs[METRICS_ATTR][METRIC],
             )
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if METRICS_ATTR in t.user_attrs
         ]
+        constraints = self.exp.search.constraints
         return HopelessRule(
             finished,
             self.exp.objectives,
-            config.margin,
+            resolve_margin(config.margin, self.setup.teacher_metrics[METRIC]),
             config.min_epochs,
-            self.exp.search.constraints.min_accuracy,
+            constraints.min_metric,
             self.exp.primary,
+            self.setup.metric,
+            constraints.max_metric,
         )
 
     def _front_size(self) -> int:
-        return len(search_fronts(trial_records(self.study), self.exp, self.setup.teacher_metrics)[self.exp.primary])
+        fronts = search_fronts(trial_records(self.study), self.exp, self.setup.teacher_metrics, self.setup.metric)
+        return len(fronts[self.exp.primary])
 
     def run_one(self) -> None:
         study, recorder, exp = self.study, self.recorder, self.exp
@@ -355,13 +365,13 @@ class _OptunaLoop:
         rule, curve = self._rule(), []
         cost_seen: list[Cost] = []
 
-        def on_epoch(epoch: int, accuracy: float | None, cost: Cost) -> None:
-            if accuracy is None:
+        def on_epoch(epoch: int, value: float | None, cost: Cost) -> None:
+            if value is None:
                 return
-            curve.append(accuracy)
+            curve.append(value)
             cost_seen[:] = [cost]
-            recorder.epoch(run_id, epoch, accuracy)
-            reason = rule.check(epoch, accuracy, metrics_from(accuracy, cost).as_dict()) if rule else None
+            recorder.epoch(run_id, epoch, value)
+            reason = rule.check(epoch, value, metrics_from(value, cost).as_dict()) if rule else None
             if reason:
                 raise TrialStopped(reason)
 
@@ -376,7 +386,7 @@ class _OptunaLoop:
             recorder.interrupted(run_id, USER_INTERRUPT)
             raise
         except TrialStopped as stop:
-            # Stopped trials keep what was measured: their costs and last accuracy, for the record.
+            # Stopped trials keep what was measured: their costs and last metric, for the record.
             partial = metrics_from(curve[-1], cost_seen[0]).as_dict()
             trial.set_user_attr(STOP_REASON_ATTR, str(stop))
             trial.set_user_attr(CURVE_ATTR, curve)
@@ -417,14 +427,14 @@ def trial_records(study: optuna.Study) -> list[TrialRecord]:
     ]
 
 
-def _finish(study, exp, tracker: Tracker, parent_id, teacher, status, log) -> SearchResult:
+def _finish(study, exp, tracker: Tracker, parent_id, teacher, status, log, metric=ACCURACY) -> SearchResult:
     """Publish the fronts (also after a timeout or an interrupt: nothing is lost) and close the run."""
     out_dir = exp.out_dir / study.study_name
     trials = study.get_trials(deepcopy=False)
     finished = sum(counted(t) for t in trials)
     failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED) for t in trials)
     records = front_records(trial_records(study), exp.search.constraints, log)
-    fronts, artifacts = publish_fronts(records, exp, teacher, tracker, parent_id, out_dir, log)
+    fronts, artifacts = publish_fronts(records, exp, teacher, tracker, parent_id, out_dir, log, metric)
     tracker.log(parent_id, metrics={FINISHED_METRIC: finished, FAILED_METRIC: failed})
     tracker.end_run(parent_id, status)
     log(f"\n{finished} finished trial(s) ({failed} failed). Fronts: {out_dir}")

@@ -1,4 +1,4 @@
-"""Run an experiment's search on Ray Tune: Optuna as Ray's searcher, ASHA on intermediate accuracy.
+"""Run an experiment's search on Ray Tune: Optuna as Ray's searcher, ASHA on the intermediate metric.
 
 The space (define-by-run :meth:`SearchSpace.suggest`), the objective function
 (:func:`score_candidate`), the trial record (:mod:`~autocompress.search.record`: one nested
@@ -21,7 +21,7 @@ Division of work:
 A trial ends in one of three states, all recorded: COMPLETE (objectives measured), FAIL (the
 objective raised, e.g. divergence or an unsupported layer: reason logged, search goes on) or
 PRUNED (stopped by ASHA, or by the time budget, before its final measurement; its cost and last
-validation accuracy are kept, as for the Optuna backend's early-stopped trials).
+validation metric are kept, as for the Optuna backend's early-stopped trials).
 
 Resume is not supported on this backend (Optuna's RDB study is what makes the Optuna backend
 resumable); a killed Ray search is started again.
@@ -46,14 +46,15 @@ from ray.tune.search.optuna import OptunaSearch
 from autocompress.config import ConstraintsConfig, Experiment, RayConfig
 from autocompress.errors import AutocompressError
 from autocompress.search.objectives import (
-    DIRECTIONS,
     Cost,
     TrialContext,
+    direction,
     make_context,
     metrics_from,
     objective_values,
     score_candidate,
 )
+from autocompress.search.quality import ACCURACY, QualityMetric, format_value
 from autocompress.search.record import (
     BACKEND_TAG,
     COMPLETE,
@@ -64,7 +65,7 @@ from autocompress.search.record import (
     PRUNED,
     STOPPED_METRIC,
     USER_INTERRUPT,
-    VAL_ACCURACY,
+    VAL_METRIC,
     Progress,
     TrialRecorder,
     fail_reason,
@@ -90,10 +91,10 @@ from autocompress.search.tracking import Tracker
 from autocompress.spaces import Candidate, SearchSpace
 from autocompress.tasks import load_task
 
-# Keys of the results a trial reports to Tune (VAL_ACCURACY, ASHA's metric, and DURATION are
+# Keys of the results a trial reports to Tune (VAL_METRIC, ASHA's metric, and DURATION are
 # named as the trial-run metrics they become).
 EPOCH = "epoch"  # ASHA's time attribute: fine-tune epochs done
-PARTIAL = "partial"  # epoch report: cost and that epoch's accuracy, as Metrics.as_dict()
+PARTIAL = "partial"  # epoch report: cost and that epoch's metric, as Metrics.as_dict()
 METRICS = "metrics"  # final report: Metrics.as_dict()
 OBJECTIVES = "objectives"  # final report: objective values by name (the searcher's metrics)
 FAIL_REASON = "fail_reason"  # final report of a trial whose objective raised
@@ -189,7 +190,7 @@ class DefineByRun:
 
 
 def _unflatten(result: dict, key: str) -> dict[str, float]:
-    """The ``key`` part of a result Tune flattened at ``/`` (``metrics/accuracy`` -> ``accuracy``)."""
+    """The ``key`` part of a result Tune flattened at ``/`` (``metrics/metric`` -> ``metric``)."""
     prefix = f"{key}/"
     return {k[len(prefix) :]: float(v) for k, v in result.items() if k.startswith(prefix)}
 
@@ -202,7 +203,7 @@ class MultiObjectiveOptunaSearch(OptunaSearch):
     that is an epoch report or a failure report, and in the multi-objective case it would tell
     COMPLETE with missing values (refused by Optuna, leaving the trial RUNNING in the study).
     With budgets, a complete trial's violations (and a stopped trial's, from the cost and last
-    accuracy measured) go on its Optuna trial through :func:`record_constraints` before it is
+    metric measured) go on its Optuna trial through :func:`record_constraints` before it is
     told, exactly as on the Optuna backend, so NSGA-II and TPE rank infeasible trials by them.
     """
 
@@ -236,25 +237,29 @@ class MultiObjectiveOptunaSearch(OptunaSearch):
 class RecordingASHA(ASHAScheduler):
     """ASHA that remembers why it stopped a trial (Tune's callbacks only learn that it ended)."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, metric_name: str = "accuracy", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.metric_name = metric_name
         self.stopped: dict[str, str] = {}
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
-        if action == TrialScheduler.STOP and VAL_ACCURACY in result:
+        if action == TrialScheduler.STOP and VAL_METRIC in result:
             self.stopped[trial.trial_id] = (
-                f"stopped by ASHA at epoch {result[EPOCH]}: val_accuracy {result[VAL_ACCURACY]:.4f} "
-                "below the rung's cutoff"
+                f"stopped by ASHA at epoch {result[EPOCH]}: val {self.metric_name} "
+                f"{format_value(result[VAL_METRIC])} worse than the rung's cutoff"
             )
         return action
 
 
-def make_scheduler(exp: Experiment, log: Callable[[str], None] = print) -> TrialScheduler:
-    """ASHA on per-epoch validation accuracy, with rungs strictly before the last fine-tune epoch.
+def make_scheduler(
+    exp: Experiment, log: Callable[[str], None] = print, metric: QualityMetric = ACCURACY
+) -> TrialScheduler:
+    """ASHA on the per-epoch validation metric (``mode`` by its direction), with rungs strictly
+    before the last fine-tune epoch.
 
-    A rung at the last epoch would save only the final measurement, and a trial with lower
-    accuracy can still be on the front through its latency or size. With no room for a rung
+    A rung at the last epoch would save only the final measurement, and a trial with a worse
+    metric can still be on the front through its latency or size. With no room for a rung
     (``epochs - 1 < asha_grace_period``) or ``search.early_stop.enabled: false``, every trial
     runs to the end (FIFO).
     """
@@ -274,13 +279,15 @@ def make_scheduler(exp: Experiment, log: Callable[[str], None] = print) -> Trial
         rungs.append(t)
         t *= cfg.asha_reduction_factor
     log(
-        f"ASHA on {VAL_ACCURACY}: rungs at epoch {', '.join(map(str, rungs))} of {exp.finetune.epochs}, "
+        f"ASHA on {VAL_METRIC} ({metric.name}, {metric.direction}d): rungs at epoch "
+        f"{', '.join(map(str, rungs))} of {exp.finetune.epochs}, "
         f"reduction factor {cfg.asha_reduction_factor}"
     )
     return RecordingASHA(
+        metric_name=metric.name,
         time_attr=EPOCH,
-        metric=VAL_ACCURACY,
-        mode="max",
+        metric=VAL_METRIC,
+        mode="max" if metric.higher_is_better else "min",
         max_t=last_rung,
         grace_period=cfg.asha_grace_period,
         reduction_factor=cfg.asha_reduction_factor,
@@ -308,16 +315,16 @@ def _worker_context(exp: Experiment, teacher_state: dict[str, Any], token: str) 
 def trainable(config: dict[str, Any], *, exp: Experiment, teacher_state: dict[str, Any], token: str) -> None:
     """One trial on a Ray worker: build and score the candidate, reporting each epoch for ASHA.
 
-    Reports ``{epoch, val_accuracy, partial, duration_s}`` per fine-tune epoch, then either
+    Reports ``{epoch, val_metric, partial, duration_s}`` per fine-tune epoch, then either
     ``{metrics, objectives, duration_s}`` or, if scoring raised, ``{fail_reason, duration_s}``
     (failures are data).
     """
     started = time.monotonic()
 
-    def on_epoch(epoch: int, accuracy: float | None, cost: Cost) -> None:
-        if accuracy is not None:  # ASHA may end the trial in this call
-            partial = metrics_from(accuracy, cost).as_dict()
-            tune.report({EPOCH: epoch, VAL_ACCURACY: accuracy, PARTIAL: partial, DURATION: time.monotonic() - started})
+    def on_epoch(epoch: int, value: float | None, cost: Cost) -> None:
+        if value is not None:  # ASHA may end the trial in this call
+            partial = metrics_from(value, cost).as_dict()
+            tune.report({EPOCH: epoch, VAL_METRIC: value, PARTIAL: partial, DURATION: time.monotonic() - started})
 
     try:
         ctx = _worker_context(exp, teacher_state, token)
@@ -356,9 +363,10 @@ class MlflowRecorder(tune.Callback):
         teacher: dict[str, float],
         progress: Progress,
         stop_reasons: dict[str, str],
+        metric: QualityMetric = ACCURACY,
     ) -> None:
-        self.exp, self.teacher = exp, teacher
-        self.recorder = TrialRecorder(tracker, parent_id, teacher, exp.search.constraints, progress)
+        self.exp, self.teacher, self.metric = exp, teacher, metric
+        self.recorder = TrialRecorder(tracker, parent_id, teacher, exp.search.constraints, progress, metric)
         self.stop_reasons = stop_reasons  # the scheduler's, filled before a stopped trial completes
         self.records: list[TrialRecord] = []
         self.counts = {COMPLETE: 0, FAIL: 0, PRUNED: 0}
@@ -377,8 +385,8 @@ class MlflowRecorder(tune.Callback):
         self._run(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if EPOCH in result and VAL_ACCURACY in result:
-            self.recorder.epoch(self._run(trial), int(result[EPOCH]), result[VAL_ACCURACY])
+        if EPOCH in result and VAL_METRIC in result:
+            self.recorder.epoch(self._run(trial), int(result[EPOCH]), result[VAL_METRIC])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id not in self.open_runs:
@@ -425,7 +433,7 @@ class MlflowRecorder(tune.Callback):
         feasible = meets_budgets(flat, self.exp.search.constraints, self.exp.primary)
         self.records.append(TrialRecord(number, self.params[trial.trial_id], flat, run_id, feasible))
         self.counts[COMPLETE] += 1
-        self.front_size = len(search_fronts(self.records, self.exp, self.teacher)[self.exp.primary])
+        self.front_size = len(search_fronts(self.records, self.exp, self.teacher, self.metric)[self.exp.primary])
         self.recorder.complete(run_id, number, flat, feasible, result[DURATION], self.front_size)
 
     def _fail(self, trial: Any, reason: str, duration: float | None) -> None:
@@ -434,7 +442,7 @@ class MlflowRecorder(tune.Callback):
         self.recorder.failed(run_id, self.numbers[trial.trial_id], reason, duration, self.front_size)
 
     def _stop(self, trial: Any, reason: str, result: dict) -> None:
-        # Kept for the record, as the Optuna backend does: the cost and the last epoch's accuracy.
+        # Kept for the record, as the Optuna backend does: the cost and the last epoch's metric.
         run_id = self.open_runs.pop(trial.trial_id)
         partial = {k: float(v) for k, v in result.get(PARTIAL, {}).items()}
         self.counts[PRUNED] += 1
@@ -459,7 +467,7 @@ def _tune_settings() -> Iterator[None]:
     """Environment switches Tune's driver reads while it runs, restored afterwards.
 
     Strict metric checking wants every result to carry the searcher's and the scheduler's
-    metrics, but epoch reports carry only ``val_accuracy`` and the final report only the
+    metrics, but epoch reports carry only ``val_metric`` and the final report only the
     measurements. Tune's own Ctrl-C handler would end the run quietly; the backend records the
     interrupt like the Optuna backend instead.
     """
@@ -487,20 +495,20 @@ def _search(exp: Experiment, setup: SearchSetup, log: Callable[[str], None]) -> 
     log_session(exp, setup, tracker, parent_id)
     log(f"Ray Tune experiment {name!r} in {storage / name}; MLflow run {parent_id} at {exp.tracking_uri}")
 
-    scheduler = make_scheduler(exp, log)
+    scheduler = make_scheduler(exp, log, setup.metric)
     searcher = MultiObjectiveOptunaSearch(
         space=DefineByRun(setup.space),
         metric=[f"{OBJECTIVES}/{o}" for o in exp.objectives],  # Tune flattens nested results at "/"
-        mode=["max" if DIRECTIONS[o] == "maximize" else "min" for o in exp.objectives],
+        mode=["max" if direction(o, setup.metric) == "maximize" else "min" for o in exp.objectives],
         sampler=make_sampler(exp.search, exp.search_seed),
         study_name=name,
         constraints=exp.search.constraints,
         profile=exp.primary,
         uniform_points=setup.space.uniform_points()[: exp.search.n_trials],
     )
-    progress = Progress(exp.search.n_trials, 0, setup.teacher_metrics, exp.primary, log)
+    progress = Progress(exp.search.n_trials, 0, setup.teacher_metrics, exp.primary, log, setup.metric)
     recorder = MlflowRecorder(
-        exp, tracker, parent_id, setup.teacher_metrics, progress, getattr(scheduler, "stopped", {})
+        exp, tracker, parent_id, setup.teacher_metrics, progress, getattr(scheduler, "stopped", {}), setup.metric
     )
     cfg = exp.search.ray
     teacher_state = {k: v.detach().clone() for k, v in setup.teacher.model.state_dict().items()}
@@ -560,7 +568,9 @@ def _finish(
 ) -> SearchResult:
     """Publish the fronts (also after an interrupt: nothing is lost) and close the parent run."""
     out_dir = exp.out_dir / name
-    fronts, artifacts = publish_fronts(recorder.front_records(log), exp, teacher, tracker, parent_id, out_dir, log)
+    fronts, artifacts = publish_fronts(
+        recorder.front_records(log), exp, teacher, tracker, parent_id, out_dir, log, recorder.metric
+    )
     counts = recorder.counts
     finished = sum(counts.values())
     tracker.log(

@@ -1,11 +1,14 @@
 """What a search's trial is in Optuna and MLflow, for every backend: names, states, records, fronts.
 
 A trial is one MLflow run nested under the search's parent run. Its params are the candidate
-(:meth:`~autocompress.spaces.Candidate.to_params`); its metrics are ``val_accuracy`` per fine-tune
-epoch, then the measured figures (:meth:`~autocompress.search.objectives.Metrics.as_dict`),
-``speedup.<profile>`` and ``duration_s``; its tags say which trial it is (``trial``), how it
-ended (``state``: COMPLETE, PRUNED or FAIL, with ``feasible``, ``stop_reason`` or
-``fail_reason``) and, once the search ends, whether it is on each front (``front.<profile>``).
+(:meth:`~autocompress.spaces.Candidate.to_params`); its metrics are ``val_metric`` per fine-tune
+epoch, then the measured figures (:meth:`~autocompress.search.objectives.Metrics.as_dict`: the
+task's metric as ``metric``), ``speedup.<profile>`` and ``duration_s``, the metric figures also
+under the task's metric name (``val_accuracy``, ``accuracy``) for people browsing MLflow; its tags
+say which trial it is (``trial``), how it ended (``state``: COMPLETE, PRUNED or FAIL, with
+``feasible``, ``stop_reason`` or ``fail_reason``) and, once the search ends, whether it is on each
+front (``front.<profile>``). The parent run's params say which metric and direction the search
+optimised (``metric.name``, ``metric.direction``).
 Budgets reach Optuna's samplers as constraint values on the Optuna trial (:func:`record_constraints`).
 
 The backends write through :class:`TrialRecorder` and :func:`record_constraints`, and
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from autocompress.hw_profiles.progress import duration
 from autocompress.search.constraints import any_constraint, is_feasible, violations
 from autocompress.search.objectives import HOST
+from autocompress.search.quality import ACCURACY, METRIC, QualityMetric, format_value
 from autocompress.search.report import Row, TrialRecord, compute_fronts, profiles_in
 
 if TYPE_CHECKING:
@@ -59,7 +63,7 @@ FAIL_REASON_TAG = "fail_reason"  # on FAIL runs
 # States, named as Optuna's TrialState so a run and its Optuna trial read alike.
 RUNNING, COMPLETE, PRUNED, FAIL = "RUNNING", "COMPLETE", "PRUNED", "FAIL"
 
-VAL_ACCURACY = "val_accuracy"  # per fine-tune epoch, at step = epoch
+VAL_METRIC = "val_metric"  # per fine-tune epoch, at step = epoch
 DURATION = "duration_s"
 MAX_REASON_CHARS = 5000  # MLflow caps tag values; a traceback-sized reason is cut
 
@@ -89,7 +93,7 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 # Trial attributes
 RUN_ID_ATTR = "mlflow_run_id"
 METRICS_ATTR = "metrics"  # COMPLETE: Metrics.as_dict()
-CURVE_ATTR = "val_curve"  # validation accuracy per epoch
+CURVE_ATTR = "val_curve"  # validation metric per epoch
 FEASIBLE_ATTR = "feasible"
 STOP_REASON_ATTR = STOP_REASON_TAG
 FAIL_REASON_ATTR = FAIL_REASON_TAG
@@ -135,9 +139,11 @@ def front_records(
     return list(records)
 
 
-def search_fronts(records: Sequence[TrialRecord], exp: Experiment, teacher: dict[str, float]) -> dict[str, list[Row]]:
+def search_fronts(
+    records: Sequence[TrialRecord], exp: Experiment, teacher: dict[str, float], metric: QualityMetric = ACCURACY
+) -> dict[str, list[Row]]:
     """The fronts per profile of a running search (by :func:`front_records`), for its progress line."""
-    return compute_fronts(front_records(records, exp.search.constraints), teacher, exp.objectives)
+    return compute_fronts(front_records(records, exp.search.constraints), teacher, exp.objectives, metric)
 
 
 # --- progress line ------------------------------------------------------------------------------
@@ -145,9 +151,16 @@ class Progress:
     """One line per finished trial: figures, front size, elapsed time and ETA."""
 
     def __init__(
-        self, total: int, done: int, teacher: dict[str, float], profile: str, log: Callable[[str], None]
+        self,
+        total: int,
+        done: int,
+        teacher: dict[str, float],
+        profile: str,
+        log: Callable[[str], None],
+        metric: QualityMetric = ACCURACY,
     ) -> None:
         self.total, self.done, self.teacher, self.profile, self.log = total, done, teacher, profile, log
+        self.metric = metric
         self.start = time.monotonic()
         self.session_trials = 0
 
@@ -177,7 +190,8 @@ class Progress:
             lat = metrics[f"latency_ms.{self.profile}"]
             where = "" if self.profile == HOST else f" on {self.profile}"
             body = (
-                f"acc {metrics['accuracy']:.4f} ({100 * (metrics['accuracy'] - t['accuracy']):+.2f} pt)  "
+                f"{self.metric.name} {format_value(metrics[METRIC])} "
+                f"({100 * (metrics[METRIC] - t[METRIC]):+.2f} pt)  "
                 f"latency{where} {lat:.3f} ms ({t[f'latency_ms.{self.profile}'] / lat:.2f}x)  "
                 f"size {metrics['size_bytes'] / 1e3:.1f} kB"
             )
@@ -208,9 +222,11 @@ class TrialRecorder:
         teacher: dict[str, float],
         constraints: ConstraintsConfig,
         progress: Progress | None,
+        metric: QualityMetric = ACCURACY,
     ) -> None:
         self.tracker, self.parent_id, self.teacher, self.progress = tracker, parent_id, teacher, progress
         self.budgets = any_constraint(constraints)
+        self.metric = metric
 
     def start(self, number: int, candidate: Candidate, tags: dict[str, Any] | None = None) -> str:
         """Create trial ``number``'s run (RUNNING, params = the candidate); returns its id."""
@@ -220,9 +236,10 @@ class TrialRecorder:
         self.tracker.log(run_id, params=candidate.to_params())
         return run_id
 
-    def epoch(self, run_id: str, epoch: int, accuracy: float) -> None:
-        """Log one fine-tune epoch's validation accuracy."""
-        self.tracker.log(run_id, metrics={VAL_ACCURACY: accuracy}, step=epoch)
+    def epoch(self, run_id: str, epoch: int, value: float) -> None:
+        """Log one fine-tune epoch's validation metric (also as ``val_<metric name>``)."""
+        figures = {VAL_METRIC: value}
+        self.tracker.log(run_id, metrics={**figures, **self.metric.readable(figures, "val_")}, step=epoch)
 
     def complete(
         self,
@@ -237,7 +254,7 @@ class TrialRecorder:
         """Record a trial that measured its objectives: figures, speedups, COMPLETE and ``feasible``."""
         self.tracker.log(
             run_id,
-            metrics={**metrics, **speedups(metrics, self.teacher), DURATION: duration},
+            metrics={**metrics, **self.metric.readable(metrics), **speedups(metrics, self.teacher), DURATION: duration},
             tags={STATE_TAG: COMPLETE, FEASIBLE_TAG: feasible},
         )
         self.tracker.end_run(run_id, "FINISHED")
@@ -253,8 +270,9 @@ class TrialRecorder:
         front_size: int,
         done: int | None = None,
     ) -> None:
-        """Record a trial stopped before its final measurement, keeping its cost and last accuracy."""
-        metrics = partial if duration is None else {**partial, DURATION: duration}
+        """Record a trial stopped before its final measurement, keeping its cost and last metric."""
+        metrics = {**partial, **self.metric.readable(partial)}
+        metrics = metrics if duration is None else {**metrics, DURATION: duration}
         self.tracker.log(run_id, metrics=metrics, tags={STATE_TAG: PRUNED, STOP_REASON_TAG: reason[:MAX_REASON_CHARS]})
         self.tracker.end_run(run_id, "FINISHED")  # a stop is a decision of the search, not an error
         self._line(number, partial or None, front_size, reason, stopped=True, done=done)

@@ -30,8 +30,9 @@ from autocompress.errors import AutocompressError
 from autocompress.hw_profiles.predictor import check_host
 from autocompress.runtimes import UnknownRuntime, canonical_name, get_runtime, runtime_names
 from autocompress.search.objectives import HOST, build_candidate, make_context, predicted_latency, runnable
+from autocompress.search.quality import ACCURACY, METRIC, QualityMetric, format_value
 from autocompress.search.report import Row
-from autocompress.search.store import StoredSearch, load_experiment_search
+from autocompress.search.store import StoredSearch, load_experiment_search, parse_objectives
 from autocompress.search.tracking import Tracker, flatten
 from autocompress.spaces.candidate import Candidate
 
@@ -53,25 +54,30 @@ VERSIONED = ("autocompress", "torch", "torch-pruning", "onnx", "onnxruntime", "m
 
 @dataclass(frozen=True)
 class Budget:
-    """A budget on one profile: at most ``max_latency_ms``, or at least ``min_accuracy`` (exactly one)."""
+    """A budget on one profile (exactly one): at most ``max_latency_ms``, or the task's metric at
+    least ``min_metric`` or at most ``max_metric`` (in the metric's own units)."""
 
     max_latency_ms: float | None = None
-    min_accuracy: float | None = None
+    min_metric: float | None = None
+    max_metric: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.max_latency_ms is None) == (self.min_accuracy is None):
-            raise AutocompressError("give exactly one budget: --max-latency-ms or --min-accuracy")
+        given = [v for v in (self.max_latency_ms, self.min_metric, self.max_metric) if v is not None]
+        if len(given) != 1:
+            raise AutocompressError("give exactly one budget: --max-latency-ms, --min-metric or --max-metric")
         if self.max_latency_ms is not None and not self.max_latency_ms > 0:
             raise AutocompressError(f"--max-latency-ms {self.max_latency_ms:g}: must be > 0")
-        if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 1:
-            raise AutocompressError(
-                f"--min-accuracy {self.min_accuracy:g}: accuracy is a fraction in [0, 1] (e.g. 0.95)"
-            )
+        for flag, value in (("--min-metric", self.min_metric), ("--max-metric", self.max_metric)):
+            if value is not None and not math.isfinite(value):
+                raise AutocompressError(f"{flag} {value:g}: must be a finite number")
 
-    def describe(self) -> str:
+    def describe(self, metric: QualityMetric = ACCURACY) -> str:
+        """``latency <= 2 ms``, ``accuracy >= 0.95``, ``mse <= 0.1``."""
         if self.max_latency_ms is not None:
             return f"latency <= {self.max_latency_ms:g} ms"
-        return f"accuracy >= {self.min_accuracy:g}"
+        if self.min_metric is not None:
+            return f"{metric.name} >= {self.min_metric:g}"
+        return f"{metric.name} <= {self.max_metric:g}"
 
     def as_dict(self) -> dict[str, float]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -85,35 +91,42 @@ class BudgetNotMet(AutocompressError):
         self.closest = closest
 
 
-def _figures(row: Row) -> str:
+def _figures(row: Row, metric: QualityMetric = ACCURACY) -> str:
     return (
-        f"accuracy {row.accuracy:.4f}, latency {row.latency_ms:.3f} ms, size {row.size_bytes / 1e3:.1f} kB, "
-        f"{row.summary}"
+        f"{metric.name} {format_value(row.metric)}, latency {row.latency_ms:.3f} ms, "
+        f"size {row.size_bytes / 1e3:.1f} kB, {row.summary}"
     )
 
 
-def pick(front: list[Row], budget: Budget, profile: str) -> Row:
-    """The best member of ``front`` under ``budget``.
+def pick(front: list[Row], budget: Budget, profile: str, metric: QualityMetric = ACCURACY) -> Row:
+    """The best member of ``front`` under ``budget``; ``metric`` says which direction is better.
 
-    Max latency: the most accurate member within it (ties: faster, then smaller). Min accuracy: the
-    fastest member meeting it (ties: more accurate, then smaller). Raises :class:`BudgetNotMet`
-    naming the closest member (fastest, or most accurate) when none qualifies.
+    Max latency: the member with the best metric within it (ties: faster, then smaller). A bound on
+    the metric (``min_metric``: at least, ``max_metric``: at most): the fastest member meeting it
+    (ties: better metric, then smaller). Raises :class:`BudgetNotMet` naming the closest member
+    (fastest, or the one nearest the bound) when none qualifies.
     """
     if not front:
         raise AutocompressError(f"the front on profile {profile!r} is empty: the search has no complete trial")
+    s = metric.sign  # s * metric is better high
     if budget.max_latency_ms is not None:
         within = [r for r in front if r.latency_ms <= budget.max_latency_ms]
         if within:
-            return max(within, key=lambda r: (r.accuracy, -r.latency_ms, -r.size_bytes))
-        closest = min(front, key=lambda r: (r.latency_ms, -r.accuracy))
+            return max(within, key=lambda r: (s * r.metric, -r.latency_ms, -r.size_bytes))
+        closest = min(front, key=lambda r: (r.latency_ms, -s * r.metric))
     else:
-        meeting = [r for r in front if r.accuracy >= budget.min_accuracy]
+        if budget.min_metric is not None:
+            meeting = [r for r in front if r.metric >= budget.min_metric]
+            nearest = max(front, key=lambda r: (r.metric, -r.latency_ms))
+        else:
+            meeting = [r for r in front if r.metric <= budget.max_metric]
+            nearest = min(front, key=lambda r: (r.metric, r.latency_ms))
         if meeting:
-            return min(meeting, key=lambda r: (r.latency_ms, -r.accuracy, r.size_bytes))
-        closest = max(front, key=lambda r: (r.accuracy, -r.latency_ms))
+            return min(meeting, key=lambda r: (r.latency_ms, -s * r.metric, r.size_bytes))
+        closest = nearest
     raise BudgetNotMet(
-        f"no member of the {len(front)}-member front on profile {profile!r} meets {budget.describe()}; "
-        f"closest: trial {closest.trial} ({_figures(closest)})",
+        f"no member of the {len(front)}-member front on profile {profile!r} meets {budget.describe(metric)}; "
+        f"closest: trial {closest.trial} ({_figures(closest, metric)})",
         closest,
     )
 
@@ -131,6 +144,8 @@ def check_unchanged(exp: Experiment, search: StoredSearch) -> None:
         if not relevant or key in NOISE_KEYS or key not in search.params:
             continue
         then = search.params[key]
+        if key == "objectives":  # with 'accuracy' (the name before 'metric') normalised
+            then = str(parse_objectives(then, search.run_id))
         if key == "latency.runtime" and then != value:
             with contextlib.suppress(UnknownRuntime):  # a search logged before runtimes had one name ("torch")
                 then = canonical_name(str(then))
@@ -193,8 +208,8 @@ def _remeasure_and_export(compressed: Any, ctx: Any, profile: str, out_dir: Path
     executable = on(lat.runtime)
     task = ctx.task
     figures: dict[str, Any] = {
-        "val_accuracy": evaluate(executable, task.loader("val", 256), task.metric),
-        "test_accuracy": evaluate(executable, task.loader("test", 256), task.metric),
+        "val_metric": evaluate(executable, task.loader("val", 256), task.metric),
+        "test_metric": evaluate(executable, task.loader("test", 256), task.metric),
         "size_bytes": model_size_bytes(compressed.model, compressed.bits),
         "params": count_parameters(compressed.model),
     }
@@ -254,17 +269,17 @@ def _card(
         "latency_source", f"searched figure: profile {profile!r} is not one of this experiment's profiles"
     )
     searched = {
-        "accuracy": row.accuracy,
+        METRIC: row.metric,
         "latency_ms": row.latency_ms,
         "size_bytes": row.size_bytes,
         "params": row.params,
         "speedup": row.speedup,
-        "accuracy_delta_pt": row.accuracy_delta,
+        "metric_delta_pt": row.metric_delta,
         "compressed_size_bytes": None if math.isnan(row.compressed_size_bytes) else row.compressed_size_bytes,
     }
     remeasured = {
-        "val_accuracy": measured["val_accuracy"],
-        "test_accuracy": measured["test_accuracy"],
+        "val_metric": measured["val_metric"],
+        "test_metric": measured["test_metric"],
         "latency_ms": measured.get("latency_ms", row.latency_ms),
         "latency_p90_ms": measured.get("latency_p90_ms"),
         "latency_predicted_ms": measured.get("latency_predicted_ms"),
@@ -277,6 +292,7 @@ def _card(
         "candidate": {"summary": row.summary, "params": dict(row.candidate)},
         "profile": profile,
         "budget": budget.as_dict(),
+        "metric": {"name": search.metric.name, "direction": search.metric.direction},
         "metrics": {
             "searched": searched,
             "remeasured": remeasured,
@@ -366,11 +382,13 @@ def select(
     Raises :class:`BudgetNotMet` (nothing built, written or logged) when no member meets the budget.
     """
     client, search = load_experiment_search(exp, study)
-    row = pick(search.front(profile), budget, profile)
+    metric = search.metric
+    row = pick(search.front(profile), budget, profile, metric)
     check_unchanged(exp, search)
     log(
         f"search {search.study} (MLflow run {search.run_id}): trial {row.trial} is the best of the "
-        f"{len(search.front(profile))}-member front on {profile!r} under {budget.describe()}: {_figures(row)}"
+        f"{len(search.front(profile))}-member front on {profile!r} under {budget.describe(metric)}: "
+        f"{_figures(row, metric)}"
     )
 
     import torch
@@ -385,7 +403,7 @@ def select(
     run_id = tracker.start_run(
         f"selected-{profile}",
         search.run_id,
-        tags={SELECTED_TAG: profile, "selected.trial": row.trial, "selected.budget": budget.describe()},
+        tags={SELECTED_TAG: profile, "selected.trial": row.trial, "selected.budget": budget.describe(metric)},
     )
     try:
         task = load_task(exp.task.name, exp.task.args)
@@ -401,18 +419,21 @@ def select(
         files = {"onnx": onnx_path, "onnx_fp32": out_dir / ONNX_FP32, "torch_module": out_dir / TORCH_MODULE}
         files |= {"state_dict": out_dir / STATE_DICT, "model_card": out_dir / MODEL_CARD}
         remeasured = card["metrics"]["remeasured"]
+        figures = {
+            METRIC: remeasured["val_metric"],
+            f"test_{METRIC}": remeasured["test_metric"],
+            f"latency_ms.{profile}": remeasured["latency_ms"],
+            "size_bytes": remeasured["size_bytes"],
+            "params": remeasured["params"],
+            f"searched.{METRIC}": row.metric,
+            f"searched.latency_ms.{profile}": row.latency_ms,
+        }
+        readable = {**metric.readable(figures), **metric.readable(figures, "test_")}
+        readable |= metric.readable(figures, "searched.")
         tracker.log(
             run_id,
-            params={"profile": profile, "trial": row.trial, **budget.as_dict(), **row.candidate},
-            metrics={
-                "accuracy": remeasured["val_accuracy"],
-                "test_accuracy": remeasured["test_accuracy"],
-                f"latency_ms.{profile}": remeasured["latency_ms"],
-                "size_bytes": remeasured["size_bytes"],
-                "params": remeasured["params"],
-                "searched.accuracy": row.accuracy,
-                f"searched.latency_ms.{profile}": row.latency_ms,
-            },
+            params={"profile": profile, "trial": row.trial, **budget.as_dict(), **metric.attrs(), **row.candidate},
+            metrics={**figures, **readable},
             tags={"latency_source": card["metrics"]["latency_source"][:5000]},
         )
         for path in files.values():
@@ -431,11 +452,13 @@ def describe_selection(sel: Selection) -> str:
     s, r = m["searched"], m["remeasured"]
     lat_note = m["latency_source"].split(" (")[0]
     int8 = sel.card["deployment"]["int8_layers"]
+    metric = QualityMetric(sel.card["metric"]["name"], sel.card["metric"]["direction"] == "maximize")
+    name = metric.name[:11]
     lines = [
-        f"selected trial {sel.row.trial} on profile {sel.profile!r} ({sel.budget.describe()}): {sel.row.summary}",
+        f"selected trial {sel.row.trial} on profile {sel.profile!r} ({sel.budget.describe(metric)}): {sel.row.summary}",
         f"{'':16}{'searched':>10} {'now':>10}",
-        f"{'val accuracy':16}{s['accuracy']:10.4f} {r['val_accuracy']:10.4f}",
-        f"{'test accuracy':16}{'-':>10} {r['test_accuracy']:10.4f}",
+        f"{'val ' + name:16}{format_value(s[METRIC]):>10} {format_value(r['val_metric']):>10}",
+        f"{'test ' + name:16}{'-':>10} {format_value(r['test_metric']):>10}",
         f"{'latency ms':16}{s['latency_ms']:10.3f} {r['latency_ms']:10.3f}  ({lat_note})",
         f"{'size kB':16}{s['size_bytes'] / 1e3:10.1f} {r['size_bytes'] / 1e3:10.1f}",
         f"ONNX {sel.files['onnx']} ({f'int8: {len(int8)} layer(s)' if int8 else 'fp32'})",

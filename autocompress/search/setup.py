@@ -27,6 +27,7 @@ from autocompress.hw_profiles.profile import resolve_profile_path
 from autocompress.preflight import preflight
 from autocompress.runtimes import get_runtime
 from autocompress.search.objectives import HOST, TrialContext, make_context, measure
+from autocompress.search.quality import ACCURACY, METRIC, QualityMetric, format_value
 from autocompress.search.record import (
     EXPERIMENT_ATTR,
     STUDY_TAG,
@@ -82,6 +83,11 @@ class SearchSetup:
     space: SearchSpace
     ctx: TrialContext
     teacher_metrics: dict[str, float]
+
+    @property
+    def metric(self) -> QualityMetric:
+        """The task's metric: its name and direction."""
+        return QualityMetric.of(self.task)
 
 
 def new_search_name(exp: Experiment) -> str:
@@ -144,18 +150,20 @@ def prepare_search(
             else "predicted from its profile"
         )
         latencies.append(f"{teacher_metrics[f'latency_ms.{name}']:.3f} ms on {name} ({where})")
+    metric = QualityMetric.of(task)
     log(
-        f"teacher: val accuracy {teacher_metrics['accuracy']:.4f}, latency {'; '.join(latencies)}, "
-        f"size {teacher_metrics['size_bytes'] / 1e3:.1f} kB"
+        f"teacher: val {metric.name} {format_value(teacher_metrics[METRIC])} ({metric.direction}d), "
+        f"latency {'; '.join(latencies)}, size {teacher_metrics['size_bytes'] / 1e3:.1f} kB"
     )
     return SearchSetup(task, teacher, space, ctx, teacher_metrics)
 
 
 def start_parent_run(exp: Experiment, setup: SearchSetup, tracker: Tracker, name: str) -> str:
-    """Create the search's MLflow parent run with the config, space and host description."""
+    """Create the search's MLflow parent run with the config, space, host description, and the task's
+    metric name and direction (``metric.name``, ``metric.direction``: fronts are read back without the task)."""
     parent_id = tracker.start_run(name, tags={STUDY_TAG: name})
     config = exp.model_dump(mode="json")
-    tracker.log(parent_id, params=flatten(config))
+    tracker.log(parent_id, params={**flatten(config), **setup.metric.attrs()})
     (exp.out_dir / "experiment.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (exp.out_dir / "space.json").write_text(json.dumps(setup.space.summary(), indent=2))
     tracker.log_artifact(parent_id, exp.out_dir / "experiment.yaml")
@@ -206,9 +214,10 @@ def runtime_description(runtime: str) -> str:
 def log_session(exp: Experiment, setup: SearchSetup, tracker: Tracker, parent_id: str) -> None:
     """Record this session's teacher figures and host on the parent run (each session, as they may differ)."""
     host = {**describe_host(exp.latency.threads), "runtime": runtime_description(exp.latency.runtime)}
+    teacher = {**setup.teacher_metrics, **setup.metric.readable(setup.teacher_metrics)}
     tracker.log(
         parent_id,
-        metrics={f"{TEACHER_PREFIX}{k}": v for k, v in setup.teacher_metrics.items()},
+        metrics={f"{TEACHER_PREFIX}{k}": v for k, v in teacher.items()},
         tags={
             "teacher.source": setup.teacher.source,
             "teacher.path": str(setup.teacher.path),
@@ -225,18 +234,20 @@ def publish_fronts(
     parent_id: str,
     out_dir: Path,
     log: Callable[[str], None],
+    metric: QualityMetric = ACCURACY,
 ) -> tuple[dict[str, list[Row]], list[Path]]:
     """Compute the front per profile, print it, write CSV + PNG, log them and tag member runs.
 
-    ``records`` are the ones to front (see :func:`~autocompress.search.record.front_records`).
+    ``records`` are the ones to front (see :func:`~autocompress.search.record.front_records`);
+    ``metric`` is the task's (its direction decides which members dominate).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    fronts = compute_fronts(records, teacher, exp.objectives)
+    fronts = compute_fronts(records, teacher, exp.objectives, metric)
     artifacts: list[Path] = []
     for profile, front in fronts.items():
         csv_path, png_path = out_dir / f"front_{profile}.csv", out_dir / f"front_{profile}.png"
-        write_csv(front, csv_path)
-        plot_front(make_rows(records, teacher, profile), front, teacher, profile, png_path)
+        write_csv(front, csv_path, metric)
+        plot_front(make_rows(records, teacher, profile), front, teacher, profile, png_path, metric)
         artifacts += [csv_path, png_path]
         for path in (csv_path, png_path):
             tracker.log_artifact(parent_id, path, "fronts")
@@ -245,11 +256,11 @@ def publish_fronts(
         members = {r.run_id for r in records if r.number in {row.trial for row in front}}
         for run in tracker.child_runs(parent_id):
             tracker.log(run.info.run_id, tags={front_tag(profile): run.info.run_id in members})
-        volume = front_hypervolume(front, teacher, exp.objectives, profile)
+        volume = front_hypervolume(front, teacher, exp.objectives, profile, metric)
         tracker.log(parent_id, metrics={front_size_metric(profile): len(front), hypervolume_metric(profile): volume})
         log(
             f"\nPareto front on profile '{profile}' ({len(front)} of {len(records)} trials; "
             f"objectives: {', '.join(exp.objectives)}; hypervolume {volume:.4f} vs the teacher reference):"
         )
-        log(format_table(front, teacher, profile, zipped="compressed_size" in exp.objectives))
+        log(format_table(front, teacher, profile, zipped="compressed_size" in exp.objectives, metric=metric))
     return fronts, artifacts

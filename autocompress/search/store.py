@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autocompress.errors import AutocompressError
+from autocompress.search.quality import DIRECTION_KEY, METRIC, QualityMetric
 from autocompress.search.record import COMPLETE, PARENT_RUN_ATTR, STATE_TAG, STUDY_TAG, TEACHER_PREFIX, TRIAL_TAG
 from autocompress.search.report import Row, TrialRecord, compute_fronts
 from autocompress.search.tracking import PARENT_TAG
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 """The store a search writes to when its experiment leaves ``tracking.uri`` and ``output_dir`` unset."""
-DEFAULT_OBJECTIVES = ("accuracy", "latency", "size")
-_RECORD_METRICS = ("accuracy", "size_bytes", "params")
+DEFAULT_OBJECTIVES = (METRIC, "latency", "size")
+_RECORD_METRICS = (METRIC, "size_bytes", "params")
+_LEGACY_METRIC = "accuracy"  # what searches stored before the metric had a name of its own
 _PAGE = 1000  # runs per search request; well under any server's limit
 
 
@@ -91,11 +93,24 @@ def candidate_params(params: dict[str, str], run_id: str = "") -> dict[str, Any]
         raise AutocompressError(f"MLflow run {run_id}: {err}" if run_id else str(err)) from None
 
 
-def trial_records_from_runs(runs: Sequence[Run]) -> list[TrialRecord]:
+def _legacy(figures: dict[str, float]) -> dict[str, float]:
+    """Figures of a search stored before ``metric``: its accuracy is the metric (maximized)."""
+    if METRIC not in figures and _LEGACY_METRIC in figures:
+        return {**figures, METRIC: figures[_LEGACY_METRIC]}
+    return figures
+
+
+def _is_figure(key: str) -> bool:
+    """Whether ``key`` is one of the measured figures (Metrics.as_dict) rather than a readable alias."""
+    return key in (*_RECORD_METRICS, "compressed_size_bytes") or key.startswith(("latency_ms.", "latency_p90_ms."))
+
+
+def trial_records_from_runs(runs: Sequence[Run], legacy: bool = False) -> list[TrialRecord]:
     """Complete trial runs as :class:`TrialRecord` s, by trial number.
 
     Failed, killed and still-running trials are left out, as are nested runs that are not trials
-    (e.g. ``selected-<profile>`` runs, which carry no ``trial`` tag).
+    (e.g. ``selected-<profile>`` runs, which carry no ``trial`` tag). ``legacy``: the search was
+    stored before the metric was named ``metric`` (its trial runs have ``accuracy``).
     """
     records = []
     for run in runs:
@@ -103,9 +118,7 @@ def trial_records_from_runs(runs: Sequence[Run]) -> list[TrialRecord]:
         if TRIAL_TAG not in tags or tags.get(STATE_TAG) != COMPLETE:
             continue
         metrics = {
-            k: v
-            for k, v in run.data.metrics.items()
-            if k in (*_RECORD_METRICS, "compressed_size_bytes") or k.startswith(("latency_ms.", "latency_p90_ms."))
+            k: v for k, v in (_legacy(run.data.metrics) if legacy else run.data.metrics).items() if _is_figure(k)
         }
         if not set(_RECORD_METRICS) <= metrics.keys():
             continue  # marked complete but its figures never arrived (a crash between the two writes)
@@ -131,7 +144,10 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list
             return runs
 
 
-def _objectives(value: str | None, run_id: str) -> list[str]:
+def parse_objectives(value: str | None, run_id: str) -> list[str]:
+    """The objectives a search logged (param ``objectives``), with old names normalised (``accuracy`` -> ``metric``)."""
+    from autocompress.config import OBJECTIVE_ALIASES
+
     if value is None:
         return list(DEFAULT_OBJECTIVES)
     try:
@@ -140,7 +156,7 @@ def _objectives(value: str | None, run_id: str) -> list[str]:
         objectives = None
     if not isinstance(objectives, list) or not all(isinstance(o, str) for o in objectives):
         raise AutocompressError(f"run {run_id}: param objectives={value!r} is not a list of objective names")
-    return objectives
+    return [OBJECTIVE_ALIASES.get(o, o) for o in objectives]
 
 
 @dataclass(frozen=True)
@@ -160,6 +176,7 @@ class StoredSearch:
     records: list[TrialRecord]
     trial_runs: int
     fronts: dict[str, list[Row]] = field(default_factory=dict)
+    metric: QualityMetric = field(default_factory=QualityMetric)  # the task's metric name and direction
 
     def front(self, profile: str) -> list[Row]:
         """The front on ``profile``; an unknown profile raises naming the ones the search has."""
@@ -199,14 +216,25 @@ def load_search(client: MlflowClient, run_id: str, uri: str) -> StoredSearch:
         )
     if STUDY_TAG not in tags:
         raise AutocompressError(f"run {run_id} is not an autocompress search run (it has no {STUDY_TAG!r} tag)")
+    # The metric and its direction as the search stored them (a search stored before they were is
+    # an accuracy search); the task is not loaded to review a search.
+    try:
+        metric = QualityMetric.from_attrs(run.data.params, f"run {run_id}: param ")
+    except ValueError as err:
+        raise AutocompressError(str(err)) from None
+    legacy = DIRECTION_KEY not in run.data.params
     teacher = {k[len(TEACHER_PREFIX) :]: v for k, v in run.data.metrics.items() if k.startswith(TEACHER_PREFIX)}
-    if "accuracy" not in teacher or "size_bytes" not in teacher:
+    if legacy:
+        teacher = _legacy(teacher)
+    elif not _is_figure(metric.name):
+        teacher.pop(metric.name, None)  # the metric again under its own name, for people browsing MLflow
+    if METRIC not in teacher or "size_bytes" not in teacher:
         raise AutocompressError(
             f"run {run_id} has no teacher.* metrics: its search stopped before the teacher was scored"
         )
-    objectives = _objectives(run.data.params.get("objectives"), run_id)
+    objectives = parse_objectives(run.data.params.get("objectives"), run_id)
     runs = child_runs(client, run.info.experiment_id, run_id)
-    records = trial_records_from_runs(runs)
+    records = trial_records_from_runs(runs, legacy)
     experiment = client.get_experiment(run.info.experiment_id)
     return StoredSearch(
         run_id=run_id,
@@ -221,7 +249,8 @@ def load_search(client: MlflowClient, run_id: str, uri: str) -> StoredSearch:
         objectives=objectives,
         records=records,
         trial_runs=sum(TRIAL_TAG in r.data.tags for r in runs),
-        fronts=compute_fronts(records, teacher, objectives),
+        fronts=compute_fronts(records, teacher, objectives, metric),
+        metric=metric,
     )
 
 
