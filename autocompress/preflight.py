@@ -64,6 +64,7 @@ def preflight(exp: Experiment, *, task: Task | None = None, log: Callable[[str],
     from autocompress.runtimes import get_runtime
     from autocompress.spaces import Candidate, build_space
     from autocompress.techniques import Stage, by_stage
+    from autocompress.techniques.quantize import int8_modes
 
     ref = exp.task.name
     task = task or load_task(exp.task.name, exp.task.args)
@@ -107,7 +108,13 @@ def preflight(exp: Experiment, *, task: Task | None = None, log: Callable[[str],
             deployed = guarded(
                 f"{what}: deployment on {runtime.name}",
                 lambda b=built, c=candidate, where=tmp: runtime.deploy(
-                    b.model, deployment_plan(b.model, c), example, calibration, where, exp.latency.threads
+                    b.model,
+                    deployment_plan(b.model, c),
+                    example,
+                    calibration,
+                    where,
+                    exp.latency.threads,
+                    modes=int8_modes(b.model, deployment_plan(b.model, c), exp.space.quantize),
                 ),
             )
             guarded(f"{what}: the deployed model's forward", lambda d=deployed: pytree.forward(d, example))

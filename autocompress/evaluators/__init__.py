@@ -2,7 +2,7 @@
 
 from autocompress.evaluators.accuracy import evaluate, top1_accuracy
 from autocompress.evaluators.latency import Latency, measure_latency
-from autocompress.evaluators.size import compressed_size_bytes, count_parameters, model_size_bytes
+from autocompress.evaluators.size import artifact_size_bytes, compressed_size_bytes, count_parameters, model_size_bytes
 
 __all__ = [
     "Latency",
@@ -11,5 +11,6 @@ __all__ = [
     "evaluate",
     "measure_latency",
     "model_size_bytes",
+    "artifact_size_bytes",
     "top1_accuracy",
 ]

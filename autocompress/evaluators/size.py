@@ -1,4 +1,5 @@
-"""Model size in bytes: quantized weights at their bit-width plus per-channel scales, and a deployed file zipped."""
+"""Model size in bytes: the deployed artifact as stored (what ``size`` means), zipped, and an estimate from the
+weights at their bit-width (for a plan no runtime has deployed)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,29 @@ def model_size_bytes(model: nn.Module, bits: dict[str, int] | None = None) -> in
         for buffer in module.buffers(recurse=False):
             if buffer.is_floating_point():
                 total += 4 * buffer.numel()
+    return total
+
+
+def artifact_size_bytes(path: str | Path) -> int:
+    """Bytes of a deployed artifact as stored: the file, plus the external-data files an ONNX model names.
+
+    This is the ``size`` a search scores: sub-8-bit weights count small only where the runtime's format
+    really packs them (ORT ``MatMulNBits``), not where they are fp32 values on a coarse grid.
+    """
+    path = Path(path)
+    total = path.stat().st_size
+    if path.suffix == ".onnx":
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+        external = {
+            entry.value
+            for init in graph.initializer
+            if init.data_location == onnx.TensorProto.EXTERNAL
+            for entry in init.external_data
+            if entry.key == "location"
+        }
+        total += sum((path.parent / name).stat().st_size for name in external)
     return total
 
 

@@ -21,7 +21,7 @@ from autocompress.compress.distill import OptimizerSettings
 from autocompress.compress.pipeline import Compressed, PipelineSettings, apply, finetune_student, prepare_student
 from autocompress.compress.quantize import plain_copy
 from autocompress.config import Experiment, LatencyConfig, profile_id
-from autocompress.evaluators import compressed_size_bytes, count_parameters, evaluate, model_size_bytes
+from autocompress.evaluators import artifact_size_bytes, compressed_size_bytes, count_parameters, evaluate
 from autocompress.hw_profiles.predictor import ProfileMismatchWarning, predict
 from autocompress.hw_profiles.profile import Profile, load_profile, resolve_profile_path
 from autocompress.runtimes import get_runtime
@@ -29,6 +29,7 @@ from autocompress.search.quality import METRIC, QualityMetric
 from autocompress.spaces.candidate import Candidate
 from autocompress.tasks import Task
 from autocompress.techniques import techniques
+from autocompress.techniques.quantize import int8_modes
 
 HOST = "host"  # the latency profile "measured on this machine"
 
@@ -112,7 +113,8 @@ def runnable(
     written under ``workdir`` and calibrated on the context's training batches."""
     target = get_runtime(runtime or ctx.latency.runtime)
     calibration = list(itertools.islice(iter(ctx.task.loader("train", 64)), ctx.calibration_batches))
-    return target.deploy(model, bits, ctx.task.example_input(1), calibration, workdir, ctx.latency.threads)
+    modes = int8_modes(model, bits, ctx.pipeline.section("bits"))
+    return target.deploy(model, bits, ctx.task.example_input(1), calibration, workdir, ctx.latency.threads, modes=modes)
 
 
 @dataclass(frozen=True)
@@ -143,15 +145,17 @@ def predicted_latency(model: nn.Module, bits: dict[str, int], ctx: TrialContext)
 
 def _run(
     model: nn.Module, bits: dict[str, int], ctx: TrialContext, *, accuracy: bool, latency: bool
-) -> tuple[float | None, Any, int | None]:
-    """Deploy ``model`` on the host's runtime; its accuracy and zipped artifact bytes if ``accuracy``
-    (the weights are final then), its latency if ``latency``."""
+) -> tuple[float | None, Any, int | None, int]:
+    """Deploy ``model`` on the host's runtime: its metric and zipped artifact bytes if ``accuracy``
+    (the weights are final then), its latency if ``latency``, and always the artifact's bytes."""
     settings = ctx.latency
     runtime = get_runtime(settings.runtime)
     with tempfile.TemporaryDirectory(prefix="autocompress-deploy-") as workdir:
         executable = runnable(model, bits, ctx, workdir)
+        artifact = runtime.artifact(executable, workdir)
+        size = artifact_size_bytes(artifact)
         acc = evaluate(executable, ctx.task.loader("val", 256), ctx.task.metric) if accuracy else None
-        zipped = compressed_size_bytes(runtime.artifact(executable, workdir)) if accuracy else None
+        zipped = compressed_size_bytes(artifact) if accuracy else None
         lat = None
         if latency:
             lat = runtime.measure(
@@ -161,28 +165,28 @@ def _run(
                 warmup=settings.warmup,
                 repeats=settings.repeats,
             )
-    return acc, lat, zipped
+    return acc, lat, zipped, size
 
 
-def _cost(model: nn.Module, bits: dict[str, int], lat: Any, ctx: TrialContext) -> Cost:
-    """Size, parameters, and latency of a plain (quantizer-free) model: measured on the host
-    (``lat``, None when not measured) and predicted on every profile."""
+def _cost(model: nn.Module, bits: dict[str, int], lat: Any, size: int, ctx: TrialContext) -> Cost:
+    """Size (the deployed artifact's bytes), parameters, and latency of a plain (quantizer-free) model:
+    measured on the host (``lat``, None when not measured) and predicted on every profile."""
     measured = {} if lat is None else {HOST: lat.median_ms}
     return Cost(
         latency_ms={**measured, **predicted_latency(model, bits, ctx)},
         latency_p90_ms={} if lat is None else {HOST: lat.p90_ms},
-        size_bytes=model_size_bytes(model, bits),
+        size_bytes=size,
         params=count_parameters(model),
     )
 
 
 def measure_cost(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> Cost:
-    """Latency (measured on :func:`runnable` and/or predicted per profile), size and parameter count
-    of ``model``; its weights do not matter."""
-    plain, lat = plain_copy(model), None
-    if ctx.latency.measure_host:
-        _, lat, _ = _run(plain, bits, ctx, accuracy=False, latency=True)
-    return _cost(plain, bits, lat, ctx)
+    """Latency (measured on :func:`runnable` and/or predicted per profile), size (the deployed file, so
+    the model is deployed even when no host latency is measured) and parameter count of ``model``;
+    its weights do not matter."""
+    plain = plain_copy(model)
+    _, lat, _, size = _run(plain, bits, ctx, accuracy=False, latency=ctx.latency.measure_host)
+    return _cost(plain, bits, lat, size, ctx)
 
 
 def metrics_from(metric: float, cost: Cost, compressed_size: int | None = None) -> Metrics:
@@ -196,8 +200,8 @@ def measure(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> Metric
     The metric and latency are both measured on :func:`runnable` (for ``onnxruntime``, the deployed
     model with real int8 kernels), so what is scored is what would ship.
     """
-    acc, lat, zipped = _run(model, bits, ctx, accuracy=True, latency=ctx.latency.measure_host)
-    return metrics_from(acc, _cost(model, bits, lat, ctx), zipped)
+    acc, lat, zipped, size = _run(model, bits, ctx, accuracy=True, latency=ctx.latency.measure_host)
+    return metrics_from(acc, _cost(model, bits, lat, size, ctx), zipped)
 
 
 def build_candidate(
@@ -245,7 +249,7 @@ def score_candidate(
         evaluate=lambda m: evaluate(m, val, ctx.task.metric),
         on_epoch=None if on_epoch is None else (lambda epoch, acc: on_epoch(epoch, acc, cost)),
     )
-    accuracy, _, zipped = _run(compressed.model, compressed.bits, ctx, accuracy=True, latency=False)
+    accuracy, _, zipped, _ = _run(compressed.model, compressed.bits, ctx, accuracy=True, latency=False)
     return compressed.model, metrics_from(accuracy, cost, zipped)
 
 

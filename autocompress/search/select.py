@@ -192,7 +192,7 @@ def _remeasure_and_export(compressed: Any, ctx: Any, profile: str, out_dir: Path
     """
     from autocompress import inputs as pytree
     from autocompress.compress.deploy import runtime_int8_layers
-    from autocompress.evaluators import compressed_size_bytes, count_parameters, evaluate, model_size_bytes
+    from autocompress.evaluators import artifact_size_bytes, compressed_size_bytes, count_parameters, evaluate
 
     lat = ctx.latency
     # runnable() is the search's own deployment (same calibration batches), so the file written here
@@ -210,12 +210,13 @@ def _remeasure_and_export(compressed: Any, ctx: Any, profile: str, out_dir: Path
     figures: dict[str, Any] = {
         "val_metric": evaluate(executable, task.loader("val", 256), task.metric),
         "test_metric": evaluate(executable, task.loader("test", 256), task.metric),
-        "size_bytes": model_size_bytes(compressed.model, compressed.bits),
         "params": count_parameters(compressed.model),
     }
     with tempfile.TemporaryDirectory(prefix="autocompress-artifact-") as tmp:
         # The file the search's runtime ships, zipped: the figure compressed_size_bytes stands for.
-        figures["compressed_size_bytes"] = compressed_size_bytes(get_runtime(lat.runtime).artifact(executable, tmp))
+        artifact = get_runtime(lat.runtime).artifact(executable, tmp)
+        figures["size_bytes"] = artifact_size_bytes(artifact)  # the deployed file, as the search scored size
+        figures["compressed_size_bytes"] = compressed_size_bytes(artifact)
     example = task.example_input(lat.batch_size)
     hw = dict(ctx.profiles).get(profile)
     if hw is not None:

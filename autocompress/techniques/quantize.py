@@ -58,6 +58,11 @@ class QuantizeSpace(Section):
         default="region", description="what one bit-width parameter covers: a layer, a chain of layers, all layers"
     )
     calibration_batches: int = Field(default=4, ge=1, description="training batches that calibrate int8 ranges")
+    int8: Literal["static", "dynamic"] = Field(
+        default="static",
+        description="how 8-bit Linear layers run on ONNX Runtime: static QDQ (activation ranges calibrated once) "
+        "or dynamic (activations quantized at each run, MatMulInteger); convolutions are always static",
+    )
 
     @field_validator("bits")
     @classmethod
@@ -99,15 +104,15 @@ class WeightQuantization(Technique):
         plan.update(expand_to_layers(model, single))
         return plan
 
+    def summary(self, section: QuantizeSpace) -> dict[str, Any]:
+        return {"granularity": section.granularity, "int8": section.int8}
+
     def latency_choices(self, choices: tuple, kernel_bits: Iterable[int]) -> tuple | None:
         # A width without kernels runs the fp32 kernels, so fp32 stands for all of them.
         kernels = set(kernel_bits) - {FP32}
         if not kernels:
             return None  # an fp32-only runtime runs every width on the same kernels
         return tuple(dict.fromkeys(b if b in kernels else FP32 for b in choices))
-
-    def summary(self, section: QuantizeSpace) -> dict[str, Any]:
-        return {"granularity": section.granularity}
 
     def describe(self, values: Mapping[str, Any]) -> str | None:
         counts: dict[int, int] = {}
@@ -271,3 +276,14 @@ def bit_groups(
     covered = set().union(*chains) if chains else set()
     chains += [{name} for name in layers if name not in covered]  # layers the forward never calls
     return _runs(layers, order, chains)
+
+
+def int8_modes(model: nn.Module, bits: Mapping[str, int], section: QuantizeSpace) -> dict[str, str]:
+    """How each 8-bit layer of a deployment plan runs: ``section.int8`` for Linear layers (``static`` or
+    ``dynamic``), ``static`` for every other layer (ORT has no dynamic convolution)."""
+    modules = dict(model.named_modules())
+    return {
+        name: section.int8 if isinstance(modules.get(name), nn.Linear) else "static"
+        for name, b in bits.items()
+        if b == 8
+    }
