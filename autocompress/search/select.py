@@ -290,7 +290,7 @@ def _card(
     }
     return {
         "name": f"{exp.name} trial {row.trial} ({profile})",
-        "candidate": {"summary": row.summary, "params": dict(row.candidate)},
+        "candidate": {"trial": row.trial, "summary": row.summary, "params": dict(row.candidate)},
         "profile": profile,
         "budget": budget.as_dict(),
         "metric": {"name": search.metric.name, "direction": search.metric.direction},
