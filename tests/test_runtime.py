@@ -47,6 +47,7 @@ def test_fp32_scores_agree_between_runtimes(trained):
         torch.save(model.state_dict(), Path(tmp) / "state_dict.pt")
         assert eager.size_bytes == (Path(tmp) / "state_dict.pt").stat().st_size
     assert onnx.latency_ms["host"] > 0 and eager.latency_ms["host"] > 0
+    assert onnx.int8_layers == eager.int8_layers == 0
 
 
 def test_int8_accuracy_is_measured_on_the_quantized_deployment(trained):
@@ -55,6 +56,7 @@ def test_int8_accuracy_is_measured_on_the_quantized_deployment(trained):
     deployed = measure(model, bits, _ctx(task, model, "onnxruntime"))
     fp32 = evaluate(model, task.loader("val", 256))
     assert abs(deployed.metric - fp32) <= 0.02  # int8 costs little accuracy ...
+    assert deployed.int8_layers == len(bits)  # read from ORT's optimized graph, not from the plan
     # ... but it is the quantized model that was scored: its logits differ from the fp32 model's
     x = task.example_input(4)
     calibration = [b for b, _ in list(task.loader("train", 64))[:4]]

@@ -131,6 +131,11 @@ class Runtime(ABC):
         count for runtimes that fix it when the model is loaded.
         """
 
+    def int8_layers(self, runnable: Any, model: nn.Module) -> list[str]:
+        """The layers of ``model`` that run on integer kernels in ``runnable`` (its :meth:`deploy` result),
+        read from what the runtime executes, not from the plan. Default: none (no int8 kernels)."""
+        return []
+
     def artifact(self, runnable: Any, workdir: str | Path) -> Path:
         """The file a :meth:`deploy` result ships as (written under ``workdir`` if it is not a file yet):
         what the zipped artifact size measures. Default: the module's ``state_dict`` saved with torch."""

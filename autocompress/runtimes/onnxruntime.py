@@ -52,6 +52,10 @@ class OnnxRuntime(Runtime):
         :func:`autocompress.compress.deploy.deploy`); ``threads`` is fixed in the session."""
         return ort_deploy.deploy(model, bits, example_input, calibration, workdir, threads, modes=modes).model
 
+    def int8_layers(self, runnable: ort_deploy.OrtModel, model: nn.Module) -> list[str]:
+        """The modules owning an integer kernel in the graph ORT optimized for ``runnable``."""
+        return ort_deploy.runtime_int8_layers(runnable.path, runnable.threads, ort_deploy.ModuleIndex.of(model))
+
     def artifact(self, runnable: ort_deploy.OrtModel, workdir: str | Path) -> Path:
         """The ONNX file the session runs (``model.int8.onnx`` when a layer is int8)."""
         return runnable.path

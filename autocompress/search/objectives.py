@@ -93,10 +93,13 @@ class Metrics:
     size_bytes: int
     params: int
     compressed_size_bytes: int | None = None  # the deployed file zipped (None: not deployed yet)
+    int8_layers: int | None = None  # layers on integer kernels in what the host runtime executes (None: not read)
 
     def as_dict(self) -> dict[str, float]:
         """Flat metric names as logged to MLflow (``latency_ms.host`` ...)."""
         flat = {METRIC: self.metric, "size_bytes": float(self.size_bytes), "params": float(self.params)}
+        if self.int8_layers is not None:
+            flat["int8_layers"] = float(self.int8_layers)
         if self.compressed_size_bytes is not None:
             flat["compressed_size_bytes"] = float(self.compressed_size_bytes)
         flat.update({f"latency_ms.{k}": v for k, v in self.latency_ms.items()})
@@ -145,9 +148,10 @@ def predicted_latency(model: nn.Module, bits: dict[str, int], ctx: TrialContext)
 
 def _run(
     model: nn.Module, bits: dict[str, int], ctx: TrialContext, *, accuracy: bool, latency: bool
-) -> tuple[float | None, Any, int | None, int]:
-    """Deploy ``model`` on the host's runtime: its metric and zipped artifact bytes if ``accuracy``
-    (the weights are final then), its latency if ``latency``, and always the artifact's bytes."""
+) -> tuple[float | None, Any, int | None, int, int | None]:
+    """Deploy ``model`` on the host's runtime: its metric, zipped artifact bytes and the number of layers
+    really on int8 kernels if ``accuracy`` (the weights are final then), its latency if ``latency``,
+    and always the artifact's bytes."""
     settings = ctx.latency
     runtime = get_runtime(settings.runtime)
     with tempfile.TemporaryDirectory(prefix="autocompress-deploy-") as workdir:
@@ -156,6 +160,7 @@ def _run(
         size = artifact_size_bytes(artifact)
         acc = evaluate(executable, ctx.task.loader("val", 256), ctx.task.metric) if accuracy else None
         zipped = compressed_size_bytes(artifact) if accuracy else None
+        int8 = len(runtime.int8_layers(executable, model)) if accuracy else None
         lat = None
         if latency:
             lat = runtime.measure(
@@ -165,7 +170,7 @@ def _run(
                 warmup=settings.warmup,
                 repeats=settings.repeats,
             )
-    return acc, lat, zipped, size
+    return acc, lat, zipped, size, int8
 
 
 def _cost(model: nn.Module, bits: dict[str, int], lat: Any, size: int, ctx: TrialContext) -> Cost:
@@ -185,13 +190,17 @@ def measure_cost(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> C
     the model is deployed even when no host latency is measured) and parameter count of ``model``;
     its weights do not matter."""
     plain = plain_copy(model)
-    _, lat, _, size = _run(plain, bits, ctx, accuracy=False, latency=ctx.latency.measure_host)
+    _, lat, _, size, _ = _run(plain, bits, ctx, accuracy=False, latency=ctx.latency.measure_host)
     return _cost(plain, bits, lat, size, ctx)
 
 
-def metrics_from(metric: float, cost: Cost, compressed_size: int | None = None) -> Metrics:
-    """Combine a measured metric, cost and (once deployed) zipped artifact size into :class:`Metrics`."""
-    return Metrics(metric, cost.latency_ms, cost.latency_p90_ms, cost.size_bytes, cost.params, compressed_size)
+def metrics_from(
+    metric: float, cost: Cost, compressed_size: int | None = None, int8_layers: int | None = None
+) -> Metrics:
+    """Combine a measured metric, cost and (once deployed) zipped artifact size and int8 layer count."""
+    return Metrics(
+        metric, cost.latency_ms, cost.latency_p90_ms, cost.size_bytes, cost.params, compressed_size, int8_layers
+    )
 
 
 def measure(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> Metrics:
@@ -200,8 +209,8 @@ def measure(model: nn.Module, bits: dict[str, int], ctx: TrialContext) -> Metric
     The metric and latency are both measured on :func:`runnable` (for ``onnxruntime``, the deployed
     model with real int8 kernels), so what is scored is what would ship.
     """
-    acc, lat, zipped, size = _run(model, bits, ctx, accuracy=True, latency=ctx.latency.measure_host)
-    return metrics_from(acc, _cost(model, bits, lat, size, ctx), zipped)
+    acc, lat, zipped, size, int8 = _run(model, bits, ctx, accuracy=True, latency=ctx.latency.measure_host)
+    return metrics_from(acc, _cost(model, bits, lat, size, ctx), zipped, int8)
 
 
 def build_candidate(
@@ -249,8 +258,8 @@ def score_candidate(
         evaluate=lambda m: evaluate(m, val, ctx.task.metric),
         on_epoch=None if on_epoch is None else (lambda epoch, acc: on_epoch(epoch, acc, cost)),
     )
-    accuracy, _, zipped, _ = _run(compressed.model, compressed.bits, ctx, accuracy=True, latency=False)
-    return compressed.model, metrics_from(accuracy, cost, zipped)
+    accuracy, _, zipped, _, int8 = _run(compressed.model, compressed.bits, ctx, accuracy=True, latency=False)
+    return compressed.model, metrics_from(accuracy, cost, zipped, int8)
 
 
 def objective_values(metrics: Metrics, objectives: list[str], profile: str) -> list[float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ class Row:
     summary: str
     candidate: dict[str, Any]
     compressed_size_bytes: float = float("nan")  # the deployed file zipped (NaN: not recorded)
+    int8_layers: float = float("nan")  # layers the runtime really runs on int8 kernels (NaN: not recorded)
 
 
 def make_rows(records: Sequence[TrialRecord], teacher: dict[str, float], profile: str) -> list[Row]:
@@ -82,6 +84,7 @@ def make_rows(records: Sequence[TrialRecord], teacher: dict[str, float], profile
                 summary=Candidate.from_params(t.params).describe(),
                 candidate=dict(t.params),
                 compressed_size_bytes=m.get("compressed_size_bytes", float("nan")),
+                int8_layers=m.get("int8_layers", float("nan")),
             )
         )
     return rows
@@ -169,6 +172,7 @@ def format_table(
             f"{r.speedup:7.2f}x {r.size_bytes / 1e3:9.1f} {r.compression:8.1f}x"
             + zip_cell(r.compressed_size_bytes)
             + f"  {r.summary}"
+            + ("" if math.isnan(r.int8_layers) else f"  [{int(r.int8_layers)} layers run int8]")
         )
     return "\n".join(lines)
 

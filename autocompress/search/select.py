@@ -191,7 +191,7 @@ def _remeasure_and_export(compressed: Any, ctx: Any, profile: str, out_dir: Path
     search, and the ONNX files are exported alongside.
     """
     from autocompress import inputs as pytree
-    from autocompress.compress.deploy import runtime_int8_layers
+    from autocompress.compress.deploy import ModuleIndex, runtime_int8_layers
     from autocompress.evaluators import artifact_size_bytes, compressed_size_bytes, count_parameters, evaluate
 
     lat = ctx.latency
@@ -247,7 +247,8 @@ def _remeasure_and_export(compressed: Any, ctx: Any, profile: str, out_dir: Path
         timing = get_runtime(timed_on).measure(timed, example, threads=threads, warmup=lat.warmup, repeats=lat.repeats)
         figures["latency_ms"] = timing.median_ms
         figures["latency_p90_ms"] = timing.p90_ms
-    int8 = runtime_int8_layers(ort_model.path, lat.threads) if ort_model.path.name == ONNX_INT8 else []
+    modules = ModuleIndex.of(compressed.model)  # exact names under any nesting (ModuleList layers)
+    int8 = runtime_int8_layers(ort_model.path, lat.threads, modules) if ort_model.path.name == ONNX_INT8 else []
     figures["int8_layers"] = int8
     figures["no_kernel_layers"] = sorted(n for n, b in compressed.bits.items() if 2 <= b < 8)
     figures["inputs"] = pytree.describe(task.example_input(1))  # batch 1; the batch axis is dynamic

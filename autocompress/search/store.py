@@ -102,7 +102,9 @@ def _legacy(figures: dict[str, float]) -> dict[str, float]:
 
 def _is_figure(key: str) -> bool:
     """Whether ``key`` is one of the measured figures (Metrics.as_dict) rather than a readable alias."""
-    return key in (*_RECORD_METRICS, "compressed_size_bytes") or key.startswith(("latency_ms.", "latency_p90_ms."))
+    if key in (*_RECORD_METRICS, "compressed_size_bytes", "int8_layers"):
+        return True
+    return key.startswith(("latency_ms.", "latency_p90_ms."))
 
 
 def trial_records_from_runs(runs: Sequence[Run], legacy: bool = False) -> list[TrialRecord]:
