@@ -82,6 +82,12 @@ def preflight(exp: Experiment, *, task: Task | None = None, log: Callable[[str],
     guarded(f"task {ref!r}: metric {task.metric_name!r}(outputs, targets)", lambda: float(task.metric(out, y)))
     report.steps.append(f"task {task.name}: one batch {pytree.describe(x)} -> {pytree.describe(out)}")
     example = task.example_input(1)
+    if exp.profiles and not isinstance(example, torch.Tensor):
+        # The lookup-table predictors trace one input tensor's shape through the model.
+        raise AutocompressError(
+            f"profiles: hardware-profile prediction needs a single-tensor input, and task {ref!r} takes "
+            f"{pytree.describe(example)}; remove 'profiles' (latency is then measured on this host)"
+        )
     space = guarded("space", lambda: build_space(model, example, exp.space))
     report.space = space
     report.steps.append(f"space: {space.describe()}")

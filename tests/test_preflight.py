@@ -90,3 +90,14 @@ def test_search_fails_before_training_the_teacher(user_experiment, capsys, isola
     assert "deliberately broken forward" in capsys.readouterr().err
     after = set(teachers.glob("*")) if teachers.exists() else set()
     assert after == before  # nothing trained
+
+
+def test_profiles_with_a_dict_input_task_are_refused_before_training(tmp_path):
+    from autocompress.config import Experiment
+    from autocompress.errors import AutocompressError
+    from autocompress.preflight import preflight
+    from tests.test_general_task import token_task
+
+    exp = Experiment.model_validate({**tiny_experiment_dict(tmp_path), "profiles": ["xeon-onnxruntime-1t"]})
+    with pytest.raises(AutocompressError, match=r"^profiles: hardware-profile prediction needs a single-tensor"):
+        preflight(exp, task=token_task(), log=lambda line: None)
