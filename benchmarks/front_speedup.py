@@ -1,6 +1,6 @@
 """Re-measure a finished search's best front member against its teacher, side by side.
 
-Rebuilds the fastest front member within ``--max-drop`` accuracy points of the teacher (from
+Rebuilds the fastest front member within ``--max-drop`` metric points (x100, task direction) of the teacher (from
 teacher + candidate + seed, exactly as in the search), deploys both on the experiment's runtime
 (ONNX Runtime by default: the member's 8-bit layers as real int8), then times them in alternating
 rounds in one process (A B A B ...), so machine drift hits both equally. Prints accuracies and
@@ -22,6 +22,7 @@ import optuna
 from autocompress.config import load_experiment
 from autocompress.evaluators import evaluate, measure_latency
 from autocompress.search.objectives import HOST, build_candidate, make_context, runnable
+from autocompress.search.quality import METRIC, QualityMetric
 from autocompress.search.report import make_rows, pareto_rows
 from autocompress.search.runner import latest_study, trial_records
 from autocompress.spaces import Candidate
@@ -33,7 +34,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment")
     parser.add_argument("--study", help="study name (default: the latest of the experiment)")
-    parser.add_argument("--max-drop", type=float, default=1.0, help="accuracy points below the teacher allowed")
+    parser.add_argument("--max-drop", type=float, default=1.0, help="metric points (x100) worse than the teacher")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--output-dir", help="the search's output directory, if not the experiment's default")
     args = parser.parse_args()
@@ -49,9 +50,10 @@ def main() -> int:
     teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, log=lambda _: None)
     val = task.loader("val", 256)
     teacher_acc = evaluate(teacher.model, val, task.metric)
-    teacher_metrics = {"accuracy": teacher_acc, f"latency_ms.{HOST}": 1.0, "size_bytes": 1.0}
-    front = pareto_rows(make_rows(trial_records(study), teacher_metrics, HOST), exp.objectives)
-    eligible = [r for r in front if 100 * (teacher_acc - r.accuracy) <= args.max_drop]
+    quality = QualityMetric.of(task)
+    teacher_metrics = {METRIC: teacher_acc, f"latency_ms.{HOST}": 1.0, "size_bytes": 1.0}
+    front = pareto_rows(make_rows(trial_records(study), teacher_metrics, HOST), exp.objectives, quality)
+    eligible = [r for r in front if 100 * quality.sign * (teacher_acc - r.metric) <= args.max_drop]
     if not eligible:
         print(f"no front member within {args.max_drop} points of the teacher ({teacher_acc:.4f})")
         return 1
@@ -75,8 +77,8 @@ def main() -> int:
     print(f"study {name}: trial {best.trial} ({Candidate.from_params(best.candidate).describe()})")
     print(f"runtime   {exp.latency.runtime}, batch {lat.batch_size}, {lat.threads} thread(s), "
           f"median of {lat.repeats} runs per round")
-    print(f"accuracy  teacher {teacher_acc:.4f}  member {member_acc:.4f}  "
-          f"({100 * (member_acc - teacher_acc):+.2f} pt; in search {best.accuracy:.4f})")
+    print(f"{quality.name}  teacher {teacher_acc:.4f}  member {member_acc:.4f}  "
+          f"({100 * (member_acc - teacher_acc):+.2f} pt; in search {best.metric:.4f})")
     print(f"latency   teacher {statistics.median(t_times):.3f} ms  member {statistics.median(m_times):.3f} ms")
     print(f"speedup   median {statistics.median(ratios):.2f}x  min {min(ratios):.2f}x  max {max(ratios):.2f}x "
           f"over {args.rounds} alternating rounds")
