@@ -280,3 +280,12 @@ def test_profile_candidates_slice_whole_heads_like_the_pruner(model):
     assert attn(built, 0).query.out_features == 3 * HEAD_SIZE
     assert built.encoder.encoder.layer[1].intermediate.dense.out_features == FFN // 2
     assert built(**x).shape == (2, HIDDEN)
+
+
+def test_save_pretrained_parts_saves_the_hf_model_inside_a_wrapper(model, tmp_path):
+    x = tokens()
+    prune(model, {name(0, "attention.self"): 0.5, name(1, "intermediate.dense"): 0.25}, x)
+    saved = hf.save_pretrained_parts(model, tmp_path)
+    assert saved == {"encoder": tmp_path / "encoder"}
+    assert torch.allclose(MeanPooled(hf.from_pretrained(saved["encoder"]))(**x), model(**x), atol=1e-6)
+    assert hf.save_pretrained_parts(nn.Linear(2, 2), tmp_path / "none") == {}

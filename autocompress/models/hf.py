@@ -189,3 +189,15 @@ def from_pretrained(path: str | Path, model_class: Any = None) -> nn.Module:
     resize(model, record)
     _load_weights(model, _read_weights(path), path)
     return model.eval()
+
+
+def save_pretrained_parts(model: nn.Module, directory: str | Path) -> dict[str, Path]:
+    """``save_pretrained`` every outermost Hugging Face model inside ``model`` (a task's wrapper included)
+    into ``directory/<module name>`` (``directory/model`` for the model itself); reload each with
+    :func:`from_pretrained`. Returns module name -> directory; empty when the model holds none."""
+    saved: dict[str, Path] = {}
+    for name, part in hf_models(model):
+        target = Path(directory) / (name or "model")
+        part.save_pretrained(str(target))
+        saved[name] = target
+    return saved

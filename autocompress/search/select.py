@@ -28,6 +28,7 @@ from typing import Any
 from autocompress.config import Experiment
 from autocompress.errors import AutocompressError
 from autocompress.hw_profiles.predictor import check_host
+from autocompress.models.hf import save_pretrained_parts
 from autocompress.runtimes import UnknownRuntime, canonical_name, get_runtime, runtime_names
 from autocompress.search.objectives import HOST, build_candidate, make_context, predicted_latency, runnable
 from autocompress.search.quality import ACCURACY, METRIC, QualityMetric, format_value
@@ -42,6 +43,7 @@ ONNX_INT8 = "model.int8.onnx"
 TORCH_MODULE = "model.pt"
 STATE_DICT = "state_dict.pt"
 MODEL_CARD = "model_card.json"
+HF_DIR = "hf"  # save_pretrained folders of the Hugging Face models inside the selected model
 OUTPUT_FILES = (ONNX_FP32, ONNX_INT8, TORCH_MODULE, STATE_DICT, MODEL_CARD)
 ARTIFACT_DIR = "model"  # artifact path of the files in the selected run (and the registered version's source)
 SELECTED_TAG = "autocompress.selected"
@@ -307,6 +309,7 @@ def _card(
             "onnx_fp32": ONNX_FP32,
             "int8_layers": measured["int8_layers"],
             "no_kernel_layers": measured["no_kernel_layers"],
+            "hf_pretrained": measured["hf_pretrained"],
             "torch_module": TORCH_MODULE,
             "state_dict": STATE_DICT,
             "inputs": measured["inputs"],
@@ -416,6 +419,11 @@ def select(
         measured, onnx_path = _remeasure_and_export(compressed, ctx, profile, out_dir)
         torch.save(compressed.model, out_dir / TORCH_MODULE)
         torch.save(compressed.model.state_dict(), out_dir / STATE_DICT)
+        # A Hugging Face model inside also ships as save_pretrained folders (autocompress.models.hf.from_pretrained).
+        measured["hf_pretrained"] = {
+            name or "model": str(path.relative_to(out_dir))
+            for name, path in save_pretrained_parts(compressed.model, out_dir / HF_DIR).items()
+        }
         card = _card(exp, search, row, profile, budget, measured, onnx_path, run_id, teacher.source)
         (out_dir / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n")
         files = {"onnx": onnx_path, "onnx_fp32": out_dir / ONNX_FP32, "torch_module": out_dir / TORCH_MODULE}
