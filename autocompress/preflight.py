@@ -46,21 +46,9 @@ def guarded(what: str, action: Callable[[], T]) -> T:
         raise AutocompressError(f"{what} raised {type(err).__name__}: {one_line(err)}") from None
 
 
-def most_aggressive(technique: Any, choices: dict[str, tuple]) -> dict[str, Any]:
-    """Each parameter's choice furthest from the technique's neutral value (the largest pruning ratio,
-    the fewest bits, the smallest rank...)."""
-    values = {}
-    for key, offered in choices.items():
-        try:
-            values[key] = max(offered, key=lambda v: abs(v - technique.neutral))
-        except TypeError:  # non-numeric choices: the last offered one
-            values[key] = offered[-1]
-    return values
-
-
 def preflight(exp: Experiment, *, task: Task | None = None, log: Callable[[str], None] = print) -> Preflight:
     """Dry-run ``exp`` without training (see the module docstring); raises on the first failure."""
-    from autocompress.compress.pipeline import PipelineSettings, deployment_plan, prepare_student
+    from autocompress.compress.pipeline import PipelineSettings, prepare_student
     from autocompress.runtimes import get_runtime
     from autocompress.spaces import Candidate, build_space
     from autocompress.techniques import Stage, by_stage
@@ -101,7 +89,7 @@ def preflight(exp: Experiment, *, task: Task | None = None, log: Callable[[str],
         choices = space.get(technique.name)
         if not choices or technique.stage >= Stage.FINETUNE:  # fine-tune settings change no model
             continue
-        values = most_aggressive(technique, choices)
+        values = {key: technique.most_compressed(offered) for key, offered in choices.items()}
         candidate = Candidate({technique.name: values})
         what = f"dry run of {technique.name} at its most aggressive choice"
         built = guarded(
@@ -113,14 +101,14 @@ def preflight(exp: Experiment, *, task: Task | None = None, log: Callable[[str],
         with tempfile.TemporaryDirectory(prefix="autocompress-preflight-") as tmp:
             deployed = guarded(
                 f"{what}: deployment on {runtime.name}",
-                lambda b=built, c=candidate, where=tmp: runtime.deploy(
+                lambda b=built, where=tmp: runtime.deploy(
                     b.model,
-                    deployment_plan(b.model, c),
+                    b.bits,
                     example,
                     calibration,
                     where,
                     exp.latency.threads,
-                    modes=int8_modes(b.model, deployment_plan(b.model, c), exp.space.quantize),
+                    modes=int8_modes(b.model, b.bits, exp.space.quantize),
                 ),
             )
             guarded(f"{what}: the deployed model's forward", lambda d=deployed: pytree.forward(d, example))

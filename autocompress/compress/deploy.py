@@ -67,6 +67,7 @@ from autocompress.compress.quantize import (
     int8_weight_qmax,
     plain_copy,
 )
+from autocompress.evaluators.size import artifact_files, artifact_size_bytes
 from autocompress.inputs import Inputs
 from autocompress.runtimes.regions import is_data_movement, quantized_regions
 
@@ -580,20 +581,7 @@ class Deployment:
 
 def deployed_size_bytes(deployment: Deployment) -> int:
     """Bytes of the deployed artifact as stored: the ONNX file plus its external data, if any."""
-    files = deployment.files or (deployment.onnx_path,)
-    return sum(Path(f).stat().st_size for f in files)
-
-
-def _external_files(onnx_path: Path) -> tuple[Path, ...]:
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    locations = {
-        entry.value
-        for init in model.graph.initializer
-        if init.data_location == onnx.TensorProto.EXTERNAL
-        for entry in init.external_data
-        if entry.key == "location"
-    }
-    return (onnx_path, *(onnx_path.parent / loc for loc in sorted(locations)))
+    return artifact_size_bytes(deployment.onnx_path)
 
 
 def _layer_nodes(graph: onnx.GraphProto) -> list[bool]:
@@ -868,5 +856,5 @@ def deploy(
         ),
         dynamic_layers=tuple(name for name in layers if name in runs_int8 and name in dynamic),
         packed_layers=tuple(name for name in layers if name in stored_packed),
-        files=_external_files(path),
+        files=artifact_files(path),
     )

@@ -36,27 +36,31 @@ def model_size_bytes(model: nn.Module, bits: dict[str, int] | None = None) -> in
     return total
 
 
+def artifact_files(path: str | Path) -> tuple[Path, ...]:
+    """The files a deployed artifact is stored in: ``path``, plus the external-data files an ONNX model names."""
+    path = Path(path)
+    if path.suffix != ".onnx":
+        return (path,)
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    locations = {
+        entry.value
+        for init in graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    return (path, *(path.parent / name for name in sorted(locations)))
+
+
 def artifact_size_bytes(path: str | Path) -> int:
-    """Bytes of a deployed artifact as stored: the file, plus the external-data files an ONNX model names.
+    """Bytes of a deployed artifact as stored (:func:`artifact_files`).
 
     This is the ``size`` a search scores: sub-8-bit weights count small only where the runtime's format
     really packs them (ORT ``MatMulNBits``), not where they are fp32 values on a coarse grid.
     """
-    path = Path(path)
-    total = path.stat().st_size
-    if path.suffix == ".onnx":
-        import onnx
-
-        graph = onnx.load(str(path), load_external_data=False).graph
-        external = {
-            entry.value
-            for init in graph.initializer
-            if init.data_location == onnx.TensorProto.EXTERNAL
-            for entry in init.external_data
-            if entry.key == "location"
-        }
-        total += sum((path.parent / name).stat().st_size for name in external)
-    return total
+    return sum(f.stat().st_size for f in artifact_files(path))
 
 
 def compressed_size_bytes(path: str | Path) -> int:

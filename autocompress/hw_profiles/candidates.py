@@ -40,12 +40,6 @@ FP32 = 32
 PRUNE = "prune"  # the technique whose shapes this builder slices instead of running the pruner
 
 
-def _furthest_from_neutral(param: str, values: tuple) -> object:
-    """The most compressed of a parameter's choices: the one furthest from its technique's neutral value."""
-    neutral = split_param(param)[0].neutral
-    return max(values, key=lambda v: abs(v - neutral))
-
-
 def _no_calibration(n: int) -> list:
     raise AutocompressError("profiling: building shapes needs no training batches")
 
@@ -244,7 +238,7 @@ class CandidateBuilder:
         for values in choices.values():
             total *= len(values)
         yield self.candidate({})
-        extreme = {n: _furthest_from_neutral(n, v) for n, v in choices.items()}
+        extreme = {n: split_param(n)[0].most_compressed(v) for n, v in choices.items()}
         yield self.candidate(extreme)
         if total <= size:
             for combo in itertools.product(*choices.values()):

@@ -42,6 +42,21 @@ Snapshot = dict[int, dict[str, dict[str, dict[str, Any]]]]
 """Per Hugging Face model (by id): per module name, its ``attrs`` and ``params`` (shapes)."""
 
 
+class SentenceEncoder(nn.Module):
+    """A Hugging Face encoder with mean pooling over the attention mask: ``(input_ids, attention_mask)``
+    -> one embedding per sentence. The encoder is kept whole (its unused pooler included), as a user
+    wrapping ``AutoModel`` would."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
 def _size_attrs(module: nn.Module) -> dict[str, Any]:
     """A module's integer (or tuple-of-integer) attributes: where sizes such as widths and head counts live."""
     attrs: dict[str, Any] = {}

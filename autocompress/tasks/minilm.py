@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import Dataset
 
 from autocompress.errors import AutocompressError
+from autocompress.models.hf import SentenceEncoder
 
 _VOCABULARY = """
 sports: match team goal coach league striker referee stadium season trophy | scored won trained defended
@@ -88,21 +88,6 @@ def knn_accuracy(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
     similarity = normed @ normed.T
     similarity.fill_diagonal_(-2.0)  # below any cosine: a sample is never its own neighbour
     return (labels[similarity.argmax(dim=1)] == labels).float().mean().item()
-
-
-class SentenceEncoder(nn.Module):
-    """A Hugging Face encoder with mean pooling over the attention mask: ``(input_ids, attention_mask)``
-    -> one embedding per sentence. The encoder is kept whole (its unused pooler included), as a user
-    wrapping ``AutoModel`` would."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 class TokenizedText(Dataset):

@@ -116,6 +116,14 @@ class Technique(ABC):
         """The values of the uncompressed candidate (``neutral`` for every key)."""
         return dict.fromkeys(choices, self.neutral)
 
+    def most_compressed(self, offered: tuple) -> Any:
+        """The most compressed of one key's choices: the one furthest from ``neutral`` (the largest pruning
+        ratio, the fewest bits, the smallest rank); the last offered one for non-numeric choices."""
+        try:
+            return max(offered, key=lambda v: abs(v - self.neutral))
+        except TypeError:
+            return offered[-1]
+
     def fit_options(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Keyword arguments of the distillation fine-tune (:func:`~autocompress.compress.distill.fit`)."""
         return {}
