@@ -239,7 +239,8 @@ def key_payload(
     """What the cache key of a trained teacher covers, as plain (short) values.
 
     ``task_ref`` is the task as the experiment names it (``exp.task.name``); ``model`` is the freshly
-    built, seeded model (its architecture, weight shapes and initial values are covered).
+    built model, built under :func:`seeded` (its architecture, weight shapes and initial values are
+    covered, so a factory whose initialisation ignores the seed gets a new key, and a retrain, every run).
     """
     return {
         "version": KEY_VERSION,
@@ -369,7 +370,11 @@ def _get_teacher(
 
     _train(model, task, config, seed, log)
     metric = evaluate(model, val, task.metric)
-    _write_cache(path, model, key, payload, metric, task.metric_name)
+    try:
+        _write_cache(path, model, key, payload, metric, task.metric_name)
+    except OSError as err:  # a read-only or full cache costs a retrain next time, not this run
+        log(f"teacher: cannot write the cache file {path} ({_first_line(err)}): not cached")
+        return Teacher(model, metric, "trained", None, state_fingerprint(model))
     return Teacher(model, metric, "trained", path, state_fingerprint(model))
 
 
@@ -561,7 +566,7 @@ def _load_error(data: bytes, err: Exception) -> str:
         return "cannot load: the file is empty"
     if not (data.startswith(b"PK\x03\x04") or data.startswith(b"\x80")):
         head = data[:12].decode("latin-1").encode("unicode_escape").decode()
-        return f"cannot load: not a torch file (it starts with {head!r})"
+        return f"cannot load: not a torch file (it starts with '{head}')"
     reason = _first_line(err)
     if "Unsupported global" in reason:
         return (
