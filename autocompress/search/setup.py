@@ -135,7 +135,7 @@ def prepare_search(
     log(f"task {task.name}: {len(task.train)} train / {len(task.val)} val / {len(task.test)} test samples")
     if teacher_metrics is None:  # a worker of a parallel search: the starting process has dry-run it
         preflight(exp, task=task, log=lambda line: None)
-    teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, retrain=retrain, log=log)
+    teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, task_ref=exp.task.name, retrain=retrain, log=log)
     space = build_space(teacher.model, task.example_input(1), exp.space)
     log(f"space: {space.describe()}")
     ctx = make_context(exp, teacher.model, task)
