@@ -62,7 +62,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     # `kill PID` (service managers, batch schedulers, a timeout) stops a search as Ctrl-C does.
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
-        run_search(exp, resume=args.resume or False, retrain=args.retrain)
+        run_search(exp, resume=args.resume or False, retrain=args.retrain, accept_teacher=args.accept_teacher)
     except SearchInterrupted as err:
         print(f"autocompress: {err}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         "can also join a running one from other shells with --resume",
     )
     p.add_argument("--retrain", action="store_true", help="train the teacher again even if a cached one exists")
+    p.add_argument(
+        "--accept-teacher",
+        action="store_true",
+        help="with --resume: continue even if the teacher's weights differ from those the study started with",
+    )
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(

@@ -79,6 +79,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # Optuna attributes of this backend's scheduling (the trial record's own are in search.record).
 FINGERPRINT_ATTR = "fingerprint"  # study: what makes its trials comparable
+TEACHER_FINGERPRINT_ATTR = "teacher_fingerprint"  # study: the weights of the teacher its trials distil from
 WORKER_ATTR = "worker"  # trial: host:pid of the process running it
 RETRY_OF_ATTR = "retry_of"  # trial: the interrupted trial it redoes
 PROCESS_PREFIX = "process:"  # study: one attribute per process that ran trials of it (host:pid -> start)
@@ -291,14 +292,32 @@ def catch_up_tracking(
     return parent_id
 
 
+def check_teacher(study: optuna.Study, fingerprint: str, accept: bool, log: Callable[[str], None]) -> None:
+    """Refuse to resume ``study`` with a teacher other than the one its trials distilled from, unless ``accept``."""
+    recorded = study.user_attrs.get(TEACHER_FINGERPRINT_ATTR)
+    if recorded is None or recorded == fingerprint:
+        return
+    if not accept:
+        raise AutocompressError(
+            f"--resume: study {study.study_name!r} was searched with teacher {recorded} and this teacher is "
+            f"{fingerprint} (retrained, or another checkpoint): its trials would not be comparable; pass "
+            "--accept-teacher to resume anyway, or start a new search"
+        )
+    log(f"warning: resuming study {study.study_name!r} with teacher {fingerprint}, not {recorded} (--accept-teacher)")
+
+
 def run_optuna_search(
     exp: Experiment,
     *,
     resume: bool | str = False,
     retrain: bool = False,
+    accept_teacher: bool = False,
     log: Callable[[str], None] = print,
 ) -> SearchResult:
-    """Run (or resume) the search of ``exp`` on Optuna until ``n_trials`` trials are finished or time runs out."""
+    """Run (or resume) the search of ``exp`` on Optuna until ``n_trials`` trials are finished or time runs out.
+
+    ``accept_teacher``: resume even if the teacher's weights differ from the study's (see :func:`check_teacher`).
+    """
     # Everything that can refuse the search is opened before the teacher trains.
     storage = open_storage(exp)
     tracker = open_tracker(exp, log)
@@ -309,9 +328,11 @@ def run_optuna_search(
     if not resumed:
         queued = enqueue_uniform_points(study, space, exp.search.n_trials)
         study.set_user_attr(TEACHER_ATTR, teacher_metrics)
+        study.set_user_attr(TEACHER_FINGERPRINT_ATTR, setup.teacher.fingerprint)
         parent_id = start_parent_run(exp, setup, tracker, study.study_name)
         study.set_user_attr(PARENT_RUN_ATTR, parent_id)
     else:
+        check_teacher(study, setup.teacher.fingerprint, accept_teacher, log)
         recover_interrupted(study, log)
         parent_id = catch_up_tracking(study, exp, tracker, setup.metric, teacher_metrics, log)
         tracker.set_status(parent_id, "RUNNING")

@@ -22,6 +22,7 @@ def run_search(
     *,
     resume: bool | str = False,
     retrain: bool = False,
+    accept_teacher: bool = False,
     log: Callable[[str], None] = print,
 ) -> SearchResult:
     """Run (or resume) the search of ``exp`` until ``n_trials`` trials are finished or time runs out.
@@ -33,4 +34,4 @@ def run_search(
         from autocompress.search.ray_backend import run_ray_search
 
         return run_ray_search(exp, resume=resume, retrain=retrain, log=log)
-    return run_optuna_search(exp, resume=resume, retrain=retrain, log=log)
+    return run_optuna_search(exp, resume=resume, retrain=retrain, accept_teacher=accept_teacher, log=log)
