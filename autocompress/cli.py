@@ -50,10 +50,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from autocompress.config import load_experiment
+    from autocompress.config import check_locations, load_experiment
     from autocompress.search import SearchInterrupted, run_search
 
     exp = load_experiment(args.experiment, _overrides(args))
+    check_locations(exp)  # before the search creates its output directory (preflight runs after that)
     try:
         run_search(exp, resume=args.resume or False, retrain=args.retrain)
     except SearchInterrupted as err:
