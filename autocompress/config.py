@@ -250,8 +250,10 @@ def check_url(url: str | None, schemes: tuple[str, ...]) -> str | None:
         path = rest.split("?", 1)[0]
         if not path.startswith("/") or path == "/":
             raise ValueError(f"{short_repr(url)}: a SQLite URL names a file, as in sqlite:///runs/study.db")
-    elif not rest.split("/", 1)[0]:
+    elif base in ("http", "https") and not rest.split("/", 1)[0]:
         raise ValueError(f"{short_repr(url)} names no host")
+    elif not rest:  # postgresql:///db is a local socket; postgresql:// alone names nothing
+        raise ValueError(f"{short_repr(url)} names no database")
     return url
 
 

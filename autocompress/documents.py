@@ -155,7 +155,8 @@ def _where(err: yaml.YAMLError) -> str:
 def _problem(err: yaml.YAMLError) -> str:
     problem = getattr(err, "problem", None)
     if problem:
-        return " ".join(str(problem).split())
+        context = getattr(err, "context", None)  # "while parsing a flow sequence", "found duplicate anchor"
+        return " ".join(f"{problem} ({context})".split() if context else str(problem).split())
     if isinstance(err, yaml.reader.ReaderError):
         return f"unacceptable character {err.character!r}" if isinstance(err.character, str) else err.reason
     return "invalid YAML"
