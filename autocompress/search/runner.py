@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from autocompress.config import Experiment
+from autocompress.config import Experiment, check_locations
 from autocompress.search.optuna_backend import run_optuna_search, trial_records
 from autocompress.search.setup import SearchInterrupted, SearchResult, latest_study
 
@@ -29,6 +29,7 @@ def run_search(
 
     Raises :class:`SearchInterrupted` on Ctrl-C, after the finished trials' fronts are published.
     """
+    check_locations(exp)  # before anything creates the output directory or a store
     if exp.search.backend == "ray":
         # Imported here: Ray is slow to import and an Optuna search never needs it.
         from autocompress.search.ray_backend import run_ray_search
