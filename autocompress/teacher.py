@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from autocompress import faults
 from autocompress.compress.distill import OptimizerSettings, TrainingDiverged, fit
 from autocompress.config import TeacherConfig
 from autocompress.errors import AutocompressError
@@ -390,6 +391,7 @@ def _train(model: nn.Module, task: Task, config: TeacherConfig, seed: int, log: 
 
     def report(epoch: int, metric: float | None) -> None:
         log(f"teacher: epoch {epoch}/{config.epochs}  val {task.metric_name} {metric:.4f}")
+        faults.point("teacher_epoch")
 
     with seeded(seed):  # dropout and any other draw; the data order has its own generator
         try:

@@ -30,7 +30,7 @@ from autocompress.search.optuna_backend import (
     recover_interrupted,
 )
 from autocompress.search.record import DUPLICATE_OF, INTERRUPTED
-from autocompress.search.store import load_experiment_search
+from autocompress.search.store import load_experiment_search, sqlite_path
 from autocompress.search.tracking import QueuedTracker, Tracker
 from tests.conftest import ROOT, runs_by_trial, tiny_experiment_dict
 
@@ -159,6 +159,19 @@ def test_an_unreachable_tracking_server_is_refused_in_one_line_before_any_traini
     assert "teacher" not in captured.out  # refused before the teacher was loaded or trained
 
 
+def test_a_deleted_mlflow_experiment_is_one_line_naming_how_to_restore_it(tmp_path, capsys):
+    data = tiny_experiment_dict(tmp_path / "del", n_trials=1)
+    client = MlflowClient(tracking_uri=data["tracking"]["uri"])
+    client.delete_experiment(client.create_experiment("tiny"))
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["search", str(path)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "'tiny'" in err[0] and "is deleted" in err[0] and "restore" in err[0]
+    assert "teacher" not in captured.out
+
+
 # --- the MLflow record rebuilt from the study ---------------------------------------------------
 @pytest.fixture(scope="module")
 def small_search(tmp_path_factory):
@@ -182,14 +195,31 @@ def _store_agrees_with_study(exp, study_name):
     return study, runs
 
 
-def test_a_deleted_mlflow_store_is_rebuilt_from_the_study_by_sync(small_search, capsys):
+def _sync(path) -> str:
+    # A new process, as a user runs it: this one's MLflow client still holds the deleted file open.
+    proc = subprocess.run(
+        [sys.executable, "-m", "autocompress", "sync", str(path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_a_deleted_mlflow_store_is_rebuilt_from_the_study_by_sync(small_search):
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
     data, exp, result = small_search
-    db = exp.out_dir.parent / "mlflow.db"
-    db.unlink()
+    sqlite_path(exp.tracking_uri).unlink()
+    # This process ran the search: its pooled connections still point at the deleted file.
+    engine = SqlAlchemyStore._engine_map.pop(exp.tracking_uri, None)
+    if engine is not None:
+        engine.dispose()
     path = exp.out_dir.parent / "r.yaml"
     path.write_text(yaml.safe_dump(data))
-    assert main(["sync", str(path)]) == 0
-    out = capsys.readouterr().out
+    out = _sync(path)
     assert "rebuilt as run" in out and "3 trial run(s) written" in out
     study, runs = _store_agrees_with_study(exp, result.study_name)
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs.values())
@@ -198,9 +228,7 @@ def test_a_deleted_mlflow_store_is_rebuilt_from_the_study_by_sync(small_search, 
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials.finished"] == 3
     front = {str(row.trial) for row in result.fronts["host"]}
     assert {n for n, r in runs.items() if r.data.tags.get("front.host") == "True"} == {int(t) for t in front}
-    # a second sync finds nothing to write
-    assert main(["sync", str(path)]) == 0
-    assert "0 trial run(s) written" in capsys.readouterr().out
+    assert "0 trial run(s) written" in _sync(path)  # a second sync finds nothing to write
 
 
 def test_resume_closes_a_run_cut_off_between_tell_and_its_end(small_search):

@@ -126,10 +126,11 @@ def run_ray_search(
             "--resume works with search.backend: optuna only (its study lives in a database); "
             "a Ray search cannot be resumed: start it again without --resume"
         )
+    tracker = open_tracker(exp, log)  # an unreachable server is refused before the teacher trains
     setup = prepare_search(exp, retrain=retrain, log=log)
     started_ray = connect(exp.search.ray, log)
     try:
-        return _search(exp, setup, log)
+        return _search(exp, setup, tracker, log)
     finally:
         if started_ray:
             ray.shutdown()
@@ -485,12 +486,11 @@ def _tune_settings() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _search(exp: Experiment, setup: SearchSetup, log: Callable[[str], None]) -> SearchResult:
+def _search(exp: Experiment, setup: SearchSetup, tracker: Tracker, log: Callable[[str], None]) -> SearchResult:
     name = new_search_name(exp)
     storage = exp.out_dir / "ray"
     if (storage / name).exists():
         raise AutocompressError(f"Ray experiment {name!r} already exists in {storage}: set another search.study_name")
-    tracker = open_tracker(exp, log)
     parent_id = start_parent_run(exp, setup, tracker, name)
     tracker.log(parent_id, tags={BACKEND_TAG: "ray"})
     log_session(exp, setup, tracker, parent_id)
