@@ -26,6 +26,7 @@ from autocompress.search.optuna_backend import (
     _OptunaLoop,
     abandoned,
     counted,
+    planned_params,
     process_seed,
     recover_interrupted,
 )
@@ -53,6 +54,15 @@ def test_a_trial_killed_before_naming_its_worker_is_recovered_when_no_other_proc
     assert trials[0].state == TrialState.FAIL and trials[0].user_attrs[INTERRUPTED]
     assert trials[1].state == TrialState.WAITING and trials[1].user_attrs["retry_of"] == 0
     assert not counted(trials[0])
+
+
+def test_a_queued_plan_killed_right_after_ask_is_requeued_with_its_plan(tmp_path):
+    study = _study(tmp_path)
+    study.enqueue_trial({"x": 3})
+    study.ask()  # popped the plan, killed before sampling anything
+    assert recover_interrupted(study, lambda _: None) == 1
+    retry = study.get_trials()[1]
+    assert retry.state == TrialState.WAITING and retry.system_attrs["fixed_params"] == {"x": 3}
 
 
 def test_a_trial_without_a_worker_waits_while_another_live_process_might_still_name_it(tmp_path):
@@ -284,9 +294,10 @@ def test_sigkill_at_each_point_then_resume_loses_nothing(tmp_path, point):
     assert sum(counted(t) for t in trials) == exp.search.n_trials  # no trial lost, none counted twice
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     interrupted = [t for t in trials if t.user_attrs.get(INTERRUPTED)]
-    for t in interrupted:  # each interrupted trial redone exactly once, with its parameters
+    for t in interrupted:  # each interrupted trial redone exactly once, with the parameters it had or was queued with
         redo = [r for r in trials if r.user_attrs.get("retry_of") == t.number and DUPLICATE_OF not in r.user_attrs]
-        assert len(redo) == 1 and redo[0].params == t.params
+        planned = planned_params(t)
+        assert len(redo) == 1 and all(redo[0].params[k] == v for k, v in planned.items())
     _, runs = _store_agrees_with_study(exp, study.study_name)
     for t in interrupted:
         if t.number in runs:  # killed before its run was written: nothing to close

@@ -24,6 +24,7 @@ import socket
 import time
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -254,6 +255,12 @@ def abandoned(trial: optuna.trial.FrozenTrial, study: optuna.Study, now: float |
     return (now or time.time()) - started > ORPHAN_GRACE_S
 
 
+def planned_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The parameters a trial runs with: those it sampled, and those it was queued with (a trial killed
+    right after ``ask`` has sampled none yet, but a queued plan already says what it is)."""
+    return {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+
+
 def recover_interrupted(study: optuna.Study, log: Callable[[str], None]) -> int:
     """Fail and re-queue the trials left RUNNING by a process that died (see :func:`abandoned`).
 
@@ -273,7 +280,7 @@ def recover_interrupted(study: optuna.Study, log: Callable[[str], None]) -> int:
         except RuntimeError:
             continue  # another process finished it first
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-        study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: trial.number})
+        study.enqueue_trial(planned_params(trial), user_attrs={RETRY_OF_ATTR: trial.number})
         recovered += 1
     if recovered:
         log(f"resume: {recovered} interrupted trial(s) re-queued with their parameters")
