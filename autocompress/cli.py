@@ -7,6 +7,7 @@ exits 130 after saving what it finished. Tracebacks are for bugs only.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,16 +50,35 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # the same clean stop as Ctrl-C: the trial in flight re-queued, fronts published
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from autocompress.config import load_experiment
     from autocompress.search import SearchInterrupted, run_search
 
     exp = load_experiment(args.experiment, _overrides(args))
+    # `kill PID` (service managers, batch schedulers, a timeout) stops a search as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
-        run_search(exp, resume=args.resume or False, retrain=args.retrain)
+        run_search(exp, resume=args.resume or False, retrain=args.retrain, accept_teacher=args.accept_teacher)
     except SearchInterrupted as err:
         print(f"autocompress: {err}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from autocompress.config import load_experiment
+    from autocompress.search.optuna_backend import sync_search
+
+    exp = load_experiment(args.experiment, _overrides(args))
+    if exp.search.backend != "optuna":
+        raise AutocompressError(
+            f"sync: search.backend {exp.search.backend!r} keeps no study to sync from (optuna does)"
+        )
+    sync_search(exp, args.study)
     return 0
 
 
@@ -114,7 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
         "can also join a running one from other shells with --resume",
     )
     p.add_argument("--retrain", action="store_true", help="train the teacher again even if a cached one exists")
+    p.add_argument(
+        "--accept-teacher",
+        action="store_true",
+        help="with --resume: continue even if the teacher's weights differ from those the study started with",
+    )
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "sync",
+        help="write a search's record to MLflow from its study (after a tracking outage or a lost store)",
+        description="Bring the MLflow record of the experiment's latest study (or --study) in line with the "
+        "study: runs missing or cut off are written, a lost parent run is rebuilt, fronts and tags re-published. "
+        "Searches do this themselves on --resume; use it when the server was away at the end of a search.",
+    )
+    experiment_args(p)
+    p.add_argument("--study", metavar="NAME", help="the study to sync (default: the experiment's latest)")
+    p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser(
         "validate",

@@ -8,19 +8,25 @@ like the paths given to any command-line tool.
 from __future__ import annotations
 
 import copy
+import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
+from autocompress.documents import format_validation_error, load_yaml, read_text, short_repr
 from autocompress.errors import ConfigError
 from autocompress.runtimes import canonical_name
 from autocompress.techniques.base import Section, Stage
 
 OBJECTIVES = ("metric", "latency", "size", "compressed_size")
 OBJECTIVE_ALIASES = {"accuracy": "metric"}  # the quality objective's name before tasks had other metrics
+MAX_EXPERIMENT_BYTES = 1 << 20
+"""Experiment files above 1 MiB are refused unread (a real one is a few hundred bytes)."""
+MAX_SEED = 2**32 - 1
+"""Seeds are 0..2**32-1: what NumPy's and Optuna's generators accept."""
 
 
 _Section = Section  # forbid: a misspelt key must be an error, not a silently ignored setting
@@ -31,6 +37,22 @@ class TaskConfig(_Section):
 
     name: str = Field(min_length=1)
     args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("args")
+    @classmethod
+    def _finite(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # The arguments are the task's own, untyped here; a NaN among them is still never meant
+        # (and would make the teacher's cache key differ from run to run).
+        stack: list[tuple[str, Any]] = [(str(k), v) for k, v in value.items()]
+        while stack:
+            where, item = stack.pop()
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{where} is {item}: numbers must be finite")
+            if isinstance(item, dict):
+                stack.extend((f"{where}.{k}", v) for k, v in item.items())
+            elif isinstance(item, list):
+                stack.extend((f"{where}.{i}", v) for i, v in enumerate(item))
+        return value
 
     @field_validator("name")
     @classmethod
@@ -207,6 +229,34 @@ class RayConfig(_Section):
     asha_reduction_factor: int = Field(default=2, ge=2)
 
 
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+"""Optuna storages: SQLAlchemy URLs of these databases (a driver may follow, ``postgresql+psycopg2``)."""
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql")
+"""MLflow stores: a database, or a tracking server. MLflow's file store (``file://``, a bare path) is not
+used: its runs could not be searched the way the fronts are read back."""
+
+
+def check_url(url: str | None, schemes: tuple[str, ...]) -> str | None:
+    """``url`` if its scheme is one of ``schemes`` and it names a place (a SQLite file path, a host);
+    else ``ValueError`` naming the schemes accepted."""
+    if url is None:
+        return None
+    scheme, sep, rest = url.partition("://")
+    base = scheme.split("+", 1)[0].lower()
+    accepted = ", ".join(f"{s}://" for s in schemes)
+    if not sep or base not in schemes or (base in ("http", "https") and "+" in scheme):
+        raise ValueError(f"{short_repr(url)} has an unsupported scheme; use one of {accepted}")
+    if base == "sqlite":
+        path = rest.split("?", 1)[0]
+        if not path.startswith("/") or path == "/":
+            raise ValueError(f"{short_repr(url)}: a SQLite URL names a file, as in sqlite:///runs/study.db")
+    elif base in ("http", "https") and not rest.split("/", 1)[0]:
+        raise ValueError(f"{short_repr(url)} names no host")
+    elif not rest:  # postgresql:///db is a local socket; postgresql:// alone names nothing
+        raise ValueError(f"{short_repr(url)} names no database")
+    return url
+
+
 class SearchConfig(_Section):
     """The search controller: backend, sampler, budget, and where the study is stored."""
 
@@ -215,7 +265,7 @@ class SearchConfig(_Section):
     n_trials: int = Field(default=30, ge=1)
     timeout: float | None = Field(default=None, gt=0, description="seconds")
     population_size: int = Field(default=10, ge=2)
-    seed: int | None = Field(default=None, description="defaults to the experiment seed")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="defaults to the experiment seed")
     storage: str | None = Field(default=None, description="RDB URL; default sqlite in output_dir")
     study_name: str | None = None
     workers: int = Field(default=1, ge=1, description="trial processes sharing the study's storage")
@@ -232,8 +282,8 @@ class SearchConfig(_Section):
     @classmethod
     def _rdb_url(cls, value: str | None) -> str | None:
         if value is not None and "://" not in value:
-            raise ValueError(f"storage {value!r} is not a database URL (e.g. 'sqlite:///study.db')")
-        return value
+            raise ValueError(f"storage {short_repr(value)} is not a database URL (e.g. 'sqlite:///study.db')")
+        return check_url(value, STORAGE_SCHEMES)
 
 
 class TrackingConfig(_Section):
@@ -242,12 +292,17 @@ class TrackingConfig(_Section):
     uri: str | None = None
     experiment: str | None = Field(default=None, description="MLflow experiment name; default: name")
 
+    @field_validator("uri")
+    @classmethod
+    def _supported(cls, value: str | None) -> str | None:
+        return check_url(value, TRACKING_SCHEMES)
+
 
 class Experiment(_Section):
     """One compression experiment: everything a search needs, validated."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     output_dir: Path | None = None
     task: TaskConfig
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -355,28 +410,69 @@ class Experiment(_Section):
         return self.seed if self.search.seed is None else self.search.seed
 
 
+def check_locations(exp: Experiment) -> None:
+    """Refuse, in one line naming the key, an output directory or SQLite store the search could not
+    write: a path that is a file, lies under a file, or sits in a directory this user cannot write.
+
+    Cheap and without side effects (nothing is created): ``validate`` and ``search`` call it before
+    the task is loaded. The search creates ``output_dir`` and its parents; MLflow creates the
+    directories of its SQLite file, Optuna does not, so a study file needs an existing directory
+    (or one inside what the search creates).
+    """
+    out_key = "output_dir" if exp.output_dir is not None else f"output_dir (default runs/{exp.name})"
+    out = _resolve(out_key, exp.output_dir or Path("runs") / exp.name)
+    created = {out, *out.parents}
+    _check_place(out_key, out, directory=True, created=created)
+    for key, url, makes_parents in (
+        ("search.storage", exp.storage_url, False),
+        ("tracking.uri", exp.tracking_uri, True),
+    ):
+        if not url.startswith("sqlite:///"):
+            continue  # a server or database elsewhere: nothing to check on this file system
+        path = Path(url[len("sqlite:///") :].split("?", 1)[0])
+        if key == "search.storage" and exp.search.storage is None:
+            key = "search.storage (default <output_dir>/study.db)"
+        elif key == "tracking.uri" and exp.tracking.uri is None:
+            key = "tracking.uri (default mlflow.db beside output_dir)"
+        _check_place(key, _resolve(key, path), directory=False, created=created if not makes_parents else None)
+
+
+def _resolve(key: str, path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, ValueError) as err:  # a symlink loop, an embedded NUL byte
+        raise ConfigError(f"{key}: {short_repr(str(path))} is not a usable path ({err})") from None
+
+
+def _check_place(key: str, path: Path, *, directory: bool, created: set[Path] | None) -> None:
+    # ``created``: directories that will exist by the time ``path`` is opened (None: any are made).
+    kind = "directory" if directory else "file"
+    try:
+        if path.exists():
+            if path.is_dir() != directory:
+                raise ConfigError(f"{key}: {path} is a {'file' if directory else 'directory'}, not a {kind}")
+            target = path if directory else path.parent
+            if not os.access(path, os.W_OK) or not os.access(target, os.W_OK | os.X_OK):
+                raise ConfigError(f"{key}: {path} is not writable by this user")
+            return
+        ancestor = path.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise ConfigError(f"{key}: {path} lies under {ancestor}, which is a file")
+        if not directory and created is not None and path.parent not in created and ancestor != path.parent:
+            raise ConfigError(
+                f"{key}: the directory {path.parent} does not exist (create it, or store the file elsewhere)"
+            )
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}: cannot create {path}: {ancestor} is not writable by this user")
+    except (OSError, ValueError) as err:  # a name too long, an embedded NUL byte
+        raise ConfigError(f"{key}: {short_repr(str(path))} is not a usable path ({err})") from None
+
+
 def profile_id(name_or_path: str) -> str:
     """The name a profile's latencies are logged under: a shipped id as is, a file by its stem."""
     return Path(name_or_path).stem if name_or_path.endswith(".json") else name_or_path
-
-
-def _format_error(source: str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    kind = first["type"]
-    msg = first["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    if kind == "extra_forbidden":
-        msg = "unknown key"
-    elif kind == "missing":
-        msg = "required key is missing"
-    elif kind not in ("value_error", "assertion_error") and "input" in first:
-        shown = repr(first["input"])
-        msg = f"{msg} (got {shown[:60]})"
-    more = len(err.errors()) - 1
-    suffix = f" [+{more} more problem{'s' if more > 1 else ''}]" if more else ""
-    return f"{source}: {loc}: {msg}{suffix}"
 
 
 def parse_experiment(data: Any, source: str = "<experiment>") -> Experiment:
@@ -389,7 +485,7 @@ def parse_experiment(data: Any, source: str = "<experiment>") -> Experiment:
     try:
         return Experiment.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(source, err)) from None
+        raise ConfigError(format_validation_error(source, err)) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -410,17 +506,14 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
-    """Read and validate an experiment YAML file; ``overrides`` are dotted keys applied first."""
+    """Read and validate an experiment YAML file; ``overrides`` are dotted keys applied first.
+
+    Every problem, from an unreadable or binary file to a bad value, raises :class:`ConfigError`
+    with one line naming the file and the key.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such experiment file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    text = read_text(path, what="experiment file", max_bytes=MAX_EXPERIMENT_BYTES, error=ConfigError)
+    data = load_yaml(text, str(path), error=ConfigError)
     if data is None:
         raise ConfigError(f"{path}: the file is empty")
     if overrides:
@@ -433,10 +526,10 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key.path=value`` (value read as YAML, so ``5``, ``true``, ``[1, 2]`` work)."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. search.n_trials=5")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML") from None
-    return key.strip(), value
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {short_repr(text)}: expected KEY=VALUE, e.g. search.n_trials=5")
+    if not all(part.strip() for part in key.split(".")):
+        raise ConfigError(f"--set {short_repr(text)}: {short_repr(key)} has an empty part; use dotted keys like a.b")
+    # The same loader and limits as the files: a value is a small YAML document.
+    return key, load_yaml(raw, f"--set {short_repr(key)}", error=ConfigError)

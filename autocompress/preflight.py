@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import torch
 
 from autocompress import inputs as pytree
-from autocompress.config import Experiment
+from autocompress.config import Experiment, check_locations
+from autocompress.documents import short_repr
 from autocompress.errors import AutocompressError
 from autocompress.refs import one_line
 from autocompress.tasks import Task, load_task
@@ -46,20 +47,41 @@ def guarded(what: str, action: Callable[[], T]) -> T:
         raise AutocompressError(f"{what} raised {type(err).__name__}: {one_line(err)}") from None
 
 
+def check_feature_layers(exp: Experiment, model: torch.nn.Module) -> None:
+    """Refuse ``finetune.feature_layers`` that name no module of ``model`` (every trial's fine-tune
+    would fail on them), in one line listing a few names that exist."""
+    modules = dict(model.named_modules())
+    for i, name in enumerate(exp.finetune.feature_layers):
+        if name not in modules:
+            names = [n for n in modules if n]
+            shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+            raise AutocompressError(
+                f"finetune.feature_layers.{i}: the model has no layer {short_repr(name)} "
+                f"(module names as in model.named_modules(): {shown or 'none'})"
+            )
+
+
 def preflight(exp: Experiment, *, task: Task | None = None, log: Callable[[str], None] = print) -> Preflight:
     """Dry-run ``exp`` without training (see the module docstring); raises on the first failure."""
     from autocompress.compress.pipeline import PipelineSettings, prepare_student
+    from autocompress.hw_profiles.profile import load_profile, resolve_profile_path
     from autocompress.runtimes import get_runtime
     from autocompress.spaces import Candidate, build_space
     from autocompress.techniques import Stage, by_stage
     from autocompress.techniques.quantize import int8_modes
 
+    # The cheap checks first: where the search writes, and every profile file read in full (a
+    # corrupt profile is otherwise first opened after the teacher is trained).
+    check_locations(exp)
+    for name in exp.profiles:
+        load_profile(resolve_profile_path(name))
     ref = exp.task.name
     task = task or load_task(exp.task.name, exp.task.args)
     model = guarded(f"task {ref!r}: build_model()", task.build_model)
     if not isinstance(model, torch.nn.Module):
         raise AutocompressError(f"task {ref!r}: build_model() returned {type(model).__name__}, not a torch nn.Module")
     model.eval()
+    check_feature_layers(exp, model)
     report = Preflight(task, model, None)
     batch = guarded(f"task {ref!r}: the first training batch", lambda: next(iter(task.loader("train", 2))))
     x, y = pytree.split_batch(batch)
@@ -116,4 +138,3 @@ def preflight(exp: Experiment, *, task: Task | None = None, log: Callable[[str],
     for step in report.steps:
         log(f"validate: {step}")
     return report
-

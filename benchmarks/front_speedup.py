@@ -47,7 +47,7 @@ def main() -> int:
         return 2
     study = optuna.load_study(study_name=name, storage=storage)
     task = load_task(exp.task.name, exp.task.args)
-    teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, log=lambda _: None)
+    teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, task_ref=exp.task.name, log=lambda _: None)
     val = task.loader("val", 256)
     teacher_acc = evaluate(teacher.model, val, task.metric)
     quality = QualityMetric.of(task)

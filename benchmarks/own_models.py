@@ -50,7 +50,7 @@ def run_experiment(path: str, args: argparse.Namespace) -> list[str]:
     _, search = load_experiment_search(exp)
     metric = search.metric
     task = load_task(exp.task.name, exp.task.args)
-    teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, log=lambda _: None)
+    teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, task_ref=exp.task.name, log=lambda _: None)
     ctx = make_context(exp, teacher.model, task)
     runtime = get_runtime(exp.latency.runtime)
     test = task.loader("test", 256)

@@ -61,7 +61,7 @@ def main() -> int:
         torch.manual_seed(exp.seed)
         model = task.build_model().eval()
     else:
-        model = get_teacher(task, exp.task.args, exp.teacher, exp.seed, log=print).model.eval()
+        model = get_teacher(task, exp.task.args, exp.teacher, exp.seed, task_ref=exp.task.name, log=print).model.eval()
     x = task.example_input(1)
     layers = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
     regions = bit_groups(model, x, layers, "region")

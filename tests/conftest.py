@@ -44,6 +44,17 @@ def tiny_experiment_dict(out_dir: Path, **search) -> dict:
     }
 
 
+def runs_by_trial(exp, study) -> dict:
+    """The MLflow trial runs of ``study`` (of experiment ``exp``) by trial number, from the store itself."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=exp.tracking_uri)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    experiment_id = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    return {int(r.data.tags["trial"]): r for r in runs if "trial" in r.data.tags}
+
+
 def model_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     """Linear + convolution MACs per example, every call counted (attention matmuls, norms excluded)."""
     modules = dict(model.named_modules())

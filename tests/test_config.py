@@ -102,7 +102,7 @@ def test_malformed_experiment_gives_one_line_error(tmp_path, capsys, desc, mutat
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("name: [unclosed", "not valid YAML (line 1"), ("", "the file is empty"), ("- a\n- b\n", "must be a mapping")],
+    [("name: [unclosed", "not valid YAML (line "), ("", "the file is empty"), ("- a\n- b\n", "must be a mapping")],
 )
 def test_unparseable_files(tmp_path, text, expected):
     path = tmp_path / "exp.yaml"

@@ -118,13 +118,12 @@ def _listen_addresses(port: int) -> set[tuple[str, str]]:
     return found
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``mlflow server`` on a SQLite store with proxied artifacts, on a free 127.0.0.1 port."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+def start_server(root: Path, port: int) -> subprocess.Popen:
+    """``mlflow server`` on the SQLite store and artifact folder under ``root``, on 127.0.0.1:``port``,
+    answering; in its own process group (stop it with :func:`_stop_group`). A second start on the same
+    ``root`` serves the same store (a server restarted after an outage)."""
     log_path = root / "server.log"
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         proc = subprocess.Popen(
             [
                 str(MLFLOW),
@@ -146,9 +145,21 @@ def server(tmp_path_factory):
             start_new_session=True,  # its own process group, so the finally stops workers too
         )
     try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_until_answering(f"{url}/health", proc, 120, log_path)
-        yield url, root
+        _wait_until_answering(f"http://127.0.0.1:{port}/health", proc, 120, log_path)
+    except BaseException:
+        _stop_group(proc)
+        raise
+    return proc
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``mlflow server`` on a SQLite store with proxied artifacts, on a free 127.0.0.1 port."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    proc = start_server(root, port)
+    try:
+        yield f"http://127.0.0.1:{port}", root
     finally:
         _stop_group(proc)
 

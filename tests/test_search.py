@@ -23,7 +23,7 @@ from autocompress.search import run_search
 from autocompress.search.optuna_backend import counted
 from autocompress.search.record import INTERRUPTED
 from autocompress.spaces import Candidate
-from tests.conftest import ROOT, tiny_experiment_dict
+from tests.conftest import ROOT, runs_by_trial, tiny_experiment_dict
 
 
 def _dominates(a, b):
@@ -154,17 +154,20 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, monkeypatch
     failed = study.get_trials(states=(TrialState.FAIL,))
     reasons = sorted(t.user_attrs["fail_reason"] for t in failed)
     assert reasons[0].startswith("RuntimeError: boom") and "non-finite" in reasons[1]
-    client = MlflowClient(tracking_uri=exp.tracking_uri)
+    runs = runs_by_trial(exp, study)
     for t in failed:
-        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        run = runs[t.number]
         assert run.info.status == "FAILED" and run.data.tags["fail_reason"] == t.user_attrs["fail_reason"]
 
 
-def test_resume_requires_an_existing_unchanged_study(tmp_path):
+def test_resume_starts_a_missing_study_and_refuses_a_changed_one(tmp_path):
     data = tiny_experiment_dict(tmp_path / "r", n_trials=1)
-    with pytest.raises(AutocompressError, match="no study of experiment 'tiny'"):
-        run_search(parse_experiment(data), resume=True, log=lambda _: None)
-    run_search(parse_experiment(data), log=lambda _: None)
+    with pytest.raises(AutocompressError, match="no study named 'nope'"):
+        run_search(parse_experiment(data), resume="nope", log=lambda _: None)  # a named study must exist
+    logs: list[str] = []
+    # killed before its study existed (e.g. while the teacher trained): --resume starts it
+    result = run_search(parse_experiment(data), resume=True, log=logs.append)
+    assert result.finished == 1 and any("no study of experiment 'tiny'" in line for line in logs)
     data["finetune"]["epochs"] = 2
     with pytest.raises(AutocompressError, match="experiment changed"):
         run_search(parse_experiment(data), resume=True, log=lambda _: None)
@@ -231,8 +234,7 @@ def test_sigkill_mid_trial_then_resume_ends_with_exactly_n_trials(tmp_path):
     assert interrupted.state == TrialState.FAIL and interrupted.user_attrs[INTERRUPTED]
     retries = [t for t in all_trials if t.user_attrs.get("retry_of") == interrupted.number]
     assert len(retries) == 1 and retries[0].params == interrupted.params and retries[0].state == TrialState.COMPLETE
-    client = MlflowClient(tracking_uri=exp.tracking_uri)
-    assert client.get_run(interrupted.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert runs_by_trial(exp, study)[interrupted.number].info.status == "KILLED"
 
 
 @pytest.mark.slow
@@ -262,6 +264,6 @@ def test_parallel_workers_share_the_study_without_lost_or_extra_trials(tmp_path)
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes ran trials
     # distinct candidates: the workers' samplers do not propose the same trials
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) > len(trials) // 2
-    client = MlflowClient(tracking_uri=exp.tracking_uri)
+    runs = runs_by_trial(exp, study)
     for t in trials:
-        assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+        assert runs[t.number].info.status == "FINISHED"

@@ -4,6 +4,15 @@ Each trial is scored by :func:`~autocompress.search.objectives.score_candidate`;
 raises (divergence, out of memory, an unsupported layer) is recorded as failed with its reason
 and the search goes on. The study lives in an RDB (SQLite by default), so finished trials
 survive a crash; ``resume`` continues the latest study of the experiment to ``n_trials``.
+
+Crash consistency: everything a trial's record needs (figures, curve, stop or failure reason) is
+stored on the Optuna trial before it is told, so the study alone says what happened and MLflow is
+rebuilt from it (:mod:`~autocompress.search.replicate`). A trial left RUNNING by a process that
+died, at whatever instant (even between ``ask`` and its first attribute), is failed as
+interrupted, excluded from the count and re-queued once with its parameters
+(:func:`recover_interrupted`). Each process seeds its sampler differently and a plan two processes
+both queued runs once (:data:`~autocompress.search.record.DUPLICATE_OF`), so processes joining one
+study do not repeat each other's candidates.
 """
 
 from __future__ import annotations
@@ -13,11 +22,13 @@ import json
 import os
 import socket
 import time
+import zlib
 from collections.abc import Callable
 
 import optuna
 from optuna.trial import TrialState
 
+from autocompress import faults
 from autocompress.config import Experiment
 from autocompress.errors import AutocompressError
 from autocompress.search.early_stop import Finished, HopelessRule, TrialStopped, resolve_margin
@@ -25,6 +36,7 @@ from autocompress.search.objectives import Cost, directions, metrics_from, objec
 from autocompress.search.quality import ACCURACY, METRIC, QualityMetric
 from autocompress.search.record import (
     CURVE_ATTR,
+    DUPLICATE_OF,
     EXPERIMENT_ATTR,
     FAIL_REASON_ATTR,
     FAILED_METRIC,
@@ -33,7 +45,7 @@ from autocompress.search.record import (
     INTERRUPTED,
     METRICS_ATTR,
     PARENT_RUN_ATTR,
-    RUN_ID_ATTR,
+    PARTIAL_ATTR,
     STOP_REASON_ATTR,
     USER_INTERRUPT,
     WORKER_DIED,
@@ -42,15 +54,16 @@ from autocompress.search.record import (
     fail_reason,
     front_records,
     record_constraints,
-    record_interrupted,
     search_fronts,
 )
+from autocompress.search.replicate import STATUS_ATTR, TEACHER_ATTR, parent_run, replicate_trials
 from autocompress.search.report import TrialRecord
 from autocompress.search.samplers import make_sampler
 from autocompress.search.setup import (
     SearchInterrupted,
     SearchResult,
     SearchSetup,
+    close_tracker,
     latest_study,
     log_session,
     new_search_name,
@@ -66,12 +79,29 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # Optuna attributes of this backend's scheduling (the trial record's own are in search.record).
 FINGERPRINT_ATTR = "fingerprint"  # study: what makes its trials comparable
+TEACHER_FINGERPRINT_ATTR = "teacher_fingerprint"  # study: the weights of the teacher its trials distil from
 WORKER_ATTR = "worker"  # trial: host:pid of the process running it
 RETRY_OF_ATTR = "retry_of"  # trial: the interrupted trial it redoes
+PROCESS_PREFIX = "process:"  # study: one attribute per process that ran trials of it (host:pid -> start)
+ORPHAN_GRACE_S = 600.0
+"""A RUNNING trial without a worker attribute is abandoned once this old, when a process that might
+still write it (on another host, or a live one here) exists; with none, at once."""
 
 
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_seed(base: int, study: optuna.Study, salt: str = "") -> int:
+    """The sampler seed of a process joining ``study``: ``base`` plus the trials so far, plus a hash
+    of ``salt`` (its host and PID). Processes that join at the same moment see the same trials, so
+    without the salt they would propose the same candidates."""
+    return (base + len(study.trials) + (zlib.crc32(salt.encode()) if salt else 0)) % 2**32
+
+
+def register_process(study: optuna.Study) -> None:
+    """Note this process on the study, so a resumer can tell whether a trial without a worker may still be written."""
+    study.set_user_attr(f"{PROCESS_PREFIX}{_worker_id()}", time.time())
 
 
 def _pid_alive(pid: int) -> bool:
@@ -85,10 +115,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether a trial counts toward ``n_trials``: complete, stopped early, or failed for a reason of its own."""
+    """Whether a trial counts toward ``n_trials``: complete, stopped early, or failed for a reason of its own
+    (not interrupted, not a duplicate plan dropped unrun)."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return trial.state == TrialState.FAIL and not trial.user_attrs.get(INTERRUPTED)
+    attrs = trial.user_attrs
+    return trial.state == TrialState.FAIL and not attrs.get(INTERRUPTED) and DUPLICATE_OF not in attrs
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -112,32 +144,49 @@ def fingerprint(exp: Experiment, space: SearchSpace) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def open_study(
-    exp: Experiment, space: SearchSpace, resume: bool | str, metric: QualityMetric = ACCURACY
-) -> tuple[optuna.Study, bool]:
-    """Create a new study (``metric``: the task's, whose direction the study optimises), or load the
-    one to resume; returns ``(study, resumed)``."""
+def open_storage(exp: Experiment) -> optuna.storages.RDBStorage:
+    """The experiment's study storage; one line naming ``search.storage`` if it cannot be opened."""
     exp.out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        storage = optuna.storages.RDBStorage(exp.storage_url)
+        return optuna.storages.RDBStorage(exp.storage_url)
     except Exception as err:  # noqa: BLE001 - bad URL, missing driver, unreachable server
-        raise AutocompressError(f"search.storage {exp.storage_url!r}: cannot open ({err})") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AutocompressError(f"search.storage {exp.storage_url!r}: cannot open ({reason})") from None
+
+
+def open_study(
+    exp: Experiment,
+    space: SearchSpace,
+    resume: bool | str,
+    metric: QualityMetric = ACCURACY,
+    storage: optuna.storages.BaseStorage | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[optuna.Study, bool]:
+    """Create a new study (``metric``: the task's, whose direction the study optimises), or load the
+    one to resume; returns ``(study, resumed)``.
+
+    ``resume=True`` with no study yet (a search killed before its first trial, e.g. while the
+    teacher trained) starts one; a study named on the command line must exist.
+    """
+    storage = storage or open_storage(exp)
     fp = fingerprint(exp, space)
     if resume:
         name = resume if isinstance(resume, str) else (exp.search.study_name or latest_study(storage, exp.name))
-        if name is None:
-            raise AutocompressError(f"--resume: no study of experiment {exp.name!r} in {exp.storage_url}")
         try:
-            study = optuna.load_study(study_name=name, storage=storage)
+            study = optuna.load_study(study_name=name, storage=storage) if name is not None else None
         except KeyError:
-            raise AutocompressError(f"--resume: no study named {name!r} in {exp.storage_url}") from None
-        if study.user_attrs.get(FINGERPRINT_ATTR) != fp:
-            raise AutocompressError(
-                f"--resume: the experiment changed since study {name!r} was created (task, space, fine-tune, "
-                "latency or objectives differ); start a new search without --resume"
-            )
-        study.sampler = make_sampler(exp.search, exp.search_seed + len(study.trials))
-        return study, True
+            study = None
+        if study is None and isinstance(resume, str):
+            raise AutocompressError(f"--resume: no study named {name!r} in {exp.storage_url}")
+        if study is not None:
+            if study.user_attrs.get(FINGERPRINT_ATTR) != fp:
+                raise AutocompressError(
+                    f"--resume: the experiment changed since study {name!r} was created (task, space, fine-tune, "
+                    "latency or objectives differ); start a new search without --resume"
+                )
+            study.sampler = make_sampler(exp.search, process_seed(exp.search_seed, study, _worker_id()))
+            return study, True
+        log(f"--resume: no study of experiment {exp.name!r} in {exp.storage_url} yet: starting one")
     name = new_search_name(exp)
     try:
         study = optuna.create_study(
@@ -179,29 +228,82 @@ def enqueue_uniform_points(study: optuna.Study, space: SearchSpace, n_trials: in
     return queued
 
 
-def recover_interrupted(study: optuna.Study, tracker: Tracker, log: Callable[[str], None]) -> int:
-    """Fail and re-queue trials left RUNNING by a worker on this host that no longer exists.
+def abandoned(trial: optuna.trial.FrozenTrial, study: optuna.Study, now: float | None = None) -> bool:
+    """Whether a RUNNING trial's process is gone, so nothing will ever finish it.
 
-    The re-queued copy carries the same parameters, so the work is redone once and never
-    counted twice (the interrupted trial is flagged and excluded from ``n_trials``).
+    A trial names its process (``worker``, host:pid) right after ``ask``; on this host the PID says.
+    A trial killed before it could name one is abandoned when no other process of the study
+    (:func:`register_process`) could still be about to; else after :data:`ORPHAN_GRACE_S`.
+    A live process on another host cannot be checked from here: its trials are left alone.
     """
-    host = socket.gethostname()
+    host, me = socket.gethostname(), _worker_id()
+    worker = trial.user_attrs.get(WORKER_ATTR, "")
+    if worker:
+        worker_host, _, pid = worker.rpartition(":")
+        return worker_host == host and pid.isdigit() and not _pid_alive(int(pid))
+    others = [key[len(PROCESS_PREFIX) :] for key in study.user_attrs if key.startswith(PROCESS_PREFIX)]
+    others = [w for w in others if w != me]
+    maybe_writing = False
+    for other in others:
+        other_host, _, pid = other.rpartition(":")
+        if other_host != host or (pid.isdigit() and _pid_alive(int(pid))):
+            maybe_writing = True
+    if not maybe_writing:
+        return True
+    started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+    return (now or time.time()) - started > ORPHAN_GRACE_S
+
+
+def recover_interrupted(study: optuna.Study, log: Callable[[str], None]) -> int:
+    """Fail and re-queue the trials left RUNNING by a process that died (see :func:`abandoned`).
+
+    The re-queued copy carries the same parameters, so the work is redone once and never counted
+    twice (the interrupted trial is flagged and excluded from ``n_trials``); its MLflow run is closed
+    KILLED with the reason by :func:`~autocompress.search.replicate.replicate_trials`. Two processes
+    recovering the same trial at once both queue a copy; the later copy is dropped unrun
+    (:data:`DUPLICATE_OF`).
+    """
     recovered = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get(WORKER_ATTR, "")
-        worker_host, _, pid = worker.rpartition(":")
-        if worker_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+        if not abandoned(trial, study):
             continue
-        study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+            study._storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, WORKER_DIED)
+        except RuntimeError:
+            continue  # another process finished it first
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: trial.number})
-        run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if run_id:
-            record_interrupted(tracker, run_id, WORKER_DIED)
         recovered += 1
     if recovered:
         log(f"resume: {recovered} interrupted trial(s) re-queued with their parameters")
     return recovered
+
+
+def catch_up_tracking(
+    study: optuna.Study, exp: Experiment, tracker: Tracker, metric: QualityMetric, teacher: dict[str, float], log
+) -> str:
+    """Make the MLflow record match the study (parent run rebuilt if lost, every finished trial's run
+    as the study holds it); returns the parent run id."""
+    parent_id = parent_run(study, exp, tracker, metric, log)
+    fixed = replicate_trials(study, tracker, parent_id, study.user_attrs.get(TEACHER_ATTR, teacher), metric)
+    if fixed:
+        log(f"tracking: {fixed} MLflow trial run(s) brought in line with the study")
+    return parent_id
+
+
+def check_teacher(study: optuna.Study, fingerprint: str, accept: bool, log: Callable[[str], None]) -> None:
+    """Refuse to resume ``study`` with a teacher other than the one its trials distilled from, unless ``accept``."""
+    recorded = study.user_attrs.get(TEACHER_FINGERPRINT_ATTR)
+    if recorded is None or recorded == fingerprint:
+        return
+    if not accept:
+        raise AutocompressError(
+            f"--resume: study {study.study_name!r} was searched with teacher {recorded} and this teacher is "
+            f"{fingerprint} (retrained, or another checkpoint): its trials would not be comparable; pass "
+            "--accept-teacher to resume anyway, or start a new search"
+        )
+    log(f"warning: resuming study {study.study_name!r} with teacher {fingerprint}, not {recorded} (--accept-teacher)")
 
 
 def run_optuna_search(
@@ -209,22 +311,33 @@ def run_optuna_search(
     *,
     resume: bool | str = False,
     retrain: bool = False,
+    accept_teacher: bool = False,
     log: Callable[[str], None] = print,
 ) -> SearchResult:
-    """Run (or resume) the search of ``exp`` on Optuna until ``n_trials`` trials are finished or time runs out."""
+    """Run (or resume) the search of ``exp`` on Optuna until ``n_trials`` trials are finished or time runs out.
+
+    ``accept_teacher``: resume even if the teacher's weights differ from the study's (see :func:`check_teacher`).
+    """
+    # Everything that can refuse the search is opened before the teacher trains.
+    storage = open_storage(exp)
+    tracker = open_tracker(exp, log)
     setup = prepare_search(exp, retrain=retrain, log=log)
     space, teacher_metrics = setup.space, setup.teacher_metrics
-    study, resumed = open_study(exp, space, resume, setup.metric)
-    tracker = open_tracker(exp)
-    parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
-    if parent_id is None:
+    study, resumed = open_study(exp, space, resume, setup.metric, storage, log)
+    register_process(study)
+    if not resumed:
+        queued = enqueue_uniform_points(study, space, exp.search.n_trials)
+        study.set_user_attr(TEACHER_ATTR, teacher_metrics)
+        study.set_user_attr(TEACHER_FINGERPRINT_ATTR, setup.teacher.fingerprint)
         parent_id = start_parent_run(exp, setup, tracker, study.study_name)
         study.set_user_attr(PARENT_RUN_ATTR, parent_id)
     else:
-        tracker.client.update_run(parent_id, status="RUNNING")
-        recover_interrupted(study, tracker, log)
+        check_teacher(study, setup.teacher.fingerprint, accept_teacher, log)
+        recover_interrupted(study, log)
+        parent_id = catch_up_tracking(study, exp, tracker, setup.metric, teacher_metrics, log)
+        tracker.set_status(parent_id, "RUNNING")
+        queued = enqueue_uniform_points(study, space, exp.search.n_trials)
     log_session(exp, setup, tracker, parent_id)
-    queued = enqueue_uniform_points(study, space, exp.search.n_trials)
     if queued:
         log(f"{queued} uniform plan(s) (all int8, one pruning ratio everywhere) queued as the first trials")
     log(
@@ -264,6 +377,9 @@ def run_trials(study: optuna.Study, loop: _OptunaLoop, exp: Experiment, started:
         done = sum(counted(t) for t in trials)
         running = sum(t.state == TrialState.RUNNING for t in trials)
         if done + running >= exp.search.n_trials:
+            # A trial of a worker that died would hold its place forever: re-queue it and go on.
+            if running and done < exp.search.n_trials and recover_interrupted(study, log):
+                continue
             return done
         if exp.search.timeout is not None and time.monotonic() - started > exp.search.timeout:
             log(f"timeout of {exp.search.timeout:g}s reached after {done} finished trials")
@@ -309,14 +425,18 @@ def _worker_main(exp_data: dict, study_name: str, parent_id: str, teacher: dict[
     exp = parse_experiment(exp_data)
     setup = prepare_search(exp, log=lambda _: None, teacher_metrics=teacher)
     study = optuna.load_study(study_name=study_name, storage=exp.storage_url)
+    register_process(study)
     # Each worker samples with its own seed: identical samplers would propose identical trials.
-    study.sampler = make_sampler(exp.search, exp.search_seed + 7919 * index + len(study.trials))
+    study.sampler = make_sampler(exp.search, process_seed(exp.search_seed + 7919 * index, study, _worker_id()))
     progress = Progress(exp.search.n_trials, finished_count(study), teacher, exp.primary, log, setup.metric)
-    recorder = TrialRecorder(open_tracker(exp), parent_id, teacher, exp.search.constraints, progress, setup.metric)
+    tracker = open_tracker(exp, log)
+    recorder = TrialRecorder(tracker, parent_id, teacher, exp.search.constraints, progress, setup.metric)
     try:
         run_trials(study, _OptunaLoop(study, setup, exp, recorder), exp, time.monotonic(), log)
     except KeyboardInterrupt:
         pass  # the interrupted trial was re-queued by run_one; the main process reports the stop
+    finally:
+        close_tracker(tracker, exp, log)
 
 
 class _OptunaLoop:
@@ -355,13 +475,33 @@ class _OptunaLoop:
         fronts = search_fronts(trial_records(self.study), self.exp, self.setup.teacher_metrics, self.setup.metric)
         return len(fronts[self.exp.primary])
 
+    def _duplicate_of(self, trial: optuna.Trial) -> int | None:
+        """The earlier trial that already has this queued trial's plan (two processes queued it), if any."""
+        fixed = self.study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
+        if not fixed:
+            return None  # proposed by the sampler: a repeat is the sampler's own choice
+        for other in self.study.get_trials(deepcopy=False):
+            if other.number >= trial.number or other.user_attrs.get(INTERRUPTED) or DUPLICATE_OF in other.user_attrs:
+                continue
+            params = {**other.params, **other.system_attrs.get("fixed_params", {})}
+            if all(params.get(k) == v for k, v in fixed.items()):
+                return other.number
+        return None
+
     def run_one(self) -> None:
         study, recorder, exp = self.study, self.recorder, self.exp
         trial = study.ask()
+        faults.point("after_ask")
         trial.set_user_attr(WORKER_ATTR, self.worker)
+        faults.point("after_worker_attr")
+        duplicate = self._duplicate_of(trial)
+        if duplicate is not None:
+            trial.set_user_attr(DUPLICATE_OF, duplicate)
+            study.tell(trial, state=TrialState.FAIL)
+            return
         candidate = self.setup.space.suggest(trial)
         run_id = recorder.start(trial.number, candidate)
-        trial.set_user_attr(RUN_ID_ATTR, run_id)
+        faults.point("after_run_start")
         rule, curve = self._rule(), []
         cost_seen: list[Cost] = []
 
@@ -371,6 +511,7 @@ class _OptunaLoop:
             curve.append(value)
             cost_seen[:] = [cost]
             recorder.epoch(run_id, epoch, value)
+            faults.point("finetune_epoch")
             reason = rule.check(epoch, value, metrics_from(value, cost).as_dict()) if rule else None
             if reason:
                 raise TrialStopped(reason)
@@ -381,6 +522,7 @@ class _OptunaLoop:
             values = objective_values(metrics, exp.objectives, exp.primary)
         except KeyboardInterrupt:
             trial.set_user_attr(INTERRUPTED, True)
+            trial.set_user_attr(FAIL_REASON_ATTR, USER_INTERRUPT)
             study.tell(trial, state=TrialState.FAIL)
             study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: trial.number})
             recorder.interrupted(run_id, USER_INTERRUPT)
@@ -390,7 +532,9 @@ class _OptunaLoop:
             partial = metrics_from(curve[-1], cost_seen[0]).as_dict()
             trial.set_user_attr(STOP_REASON_ATTR, str(stop))
             trial.set_user_attr(CURVE_ATTR, curve)
+            trial.set_user_attr(PARTIAL_ATTR, partial)
             record_constraints(trial, partial, exp.search.constraints, exp.primary)
+            faults.point("before_tell")
             study.tell(trial, state=TrialState.PRUNED)
             duration, done = time.monotonic() - started, finished_count(study)
             recorder.stopped(run_id, trial.number, partial, str(stop), duration, self._front_size(), done)
@@ -398,6 +542,8 @@ class _OptunaLoop:
         except Exception as err:  # noqa: BLE001 - failures are data: record the reason, go on
             reason = fail_reason(err)
             trial.set_user_attr(FAIL_REASON_ATTR, reason)
+            trial.set_user_attr(CURVE_ATTR, curve)
+            faults.point("before_tell")
             study.tell(trial, state=TrialState.FAIL)
             duration, done = time.monotonic() - started, finished_count(study)
             recorder.failed(run_id, trial.number, reason, duration, self._front_size(), done)
@@ -407,9 +553,57 @@ class _OptunaLoop:
         trial.set_user_attr(METRICS_ATTR, flat)
         trial.set_user_attr(CURVE_ATTR, curve)
         trial.set_user_attr(FEASIBLE_ATTR, feasible)
+        faults.point("before_tell")
         study.tell(trial, values)
         duration, done = time.monotonic() - started, finished_count(study)
         recorder.complete(run_id, trial.number, flat, feasible, duration, self._front_size(), done)
+
+
+def sync_search(exp: Experiment, study_name: str | None = None, log: Callable[[str], None] = print) -> int:
+    """Make MLflow hold the study's whole record (``autocompress sync``): the parent run (rebuilt if the
+    store lost it), every finished trial's run, the fronts and their tags; returns the trial runs written.
+
+    Needs only the study and the MLflow store (no task, no teacher). The parent run is closed with the
+    status the search ended with, unless a live process is still running trials of the study.
+    """
+    storage = open_storage(exp)
+    name = study_name or exp.search.study_name or latest_study(storage, exp.name)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage) if name is not None else None
+    except KeyError:
+        study = None
+    if study is None:
+        raise AutocompressError(
+            f"sync: no study {'named ' + repr(name) if name else 'of experiment ' + repr(exp.name)} "
+            f"in {exp.storage_url}"
+        )
+    teacher = study.user_attrs.get(TEACHER_ATTR)
+    if teacher is None:
+        raise AutocompressError(
+            f"sync: study {study.study_name!r} has no teacher figures (it stopped before its first trial)"
+        )
+    try:
+        metric = QualityMetric.from_attrs(study.user_attrs, f"study {study.study_name!r}: ")
+    except ValueError as err:
+        raise AutocompressError(f"sync: {err}") from None
+    tracker = Tracker(exp.tracking_uri, exp.tracking.experiment or exp.name, exp.artifact_root)
+    parent_id = parent_run(study, exp, tracker, metric, log)
+    written = replicate_trials(study, tracker, parent_id, teacher, metric)
+    trials = study.get_trials(deepcopy=False)
+    live = [t for t in trials if t.state == TrialState.RUNNING and not abandoned(t, study)]
+    records = front_records(trial_records(study), exp.search.constraints, log=None)
+    publish_fronts(records, exp, teacher, tracker, parent_id, exp.out_dir / study.study_name, lambda _: None, metric)
+    finished = sum(counted(t) for t in trials)
+    failed = sum(t.state == TrialState.FAIL and counted(t) for t in trials)
+    tracker.log(parent_id, metrics={FINISHED_METRIC: finished, FAILED_METRIC: failed})
+    if not live:
+        tracker.end_run(parent_id, study.user_attrs.get(STATUS_ATTR, "KILLED"))
+    log(
+        f"sync: study {study.study_name!r} -> MLflow run {parent_id} at {exp.tracking_uri}: {written} trial run(s) "
+        f"written, {finished} finished trial(s), fronts and front tags published"
+        + (f"; {len(live)} trial(s) still running elsewhere" if live else "")
+    )
+    return written
 
 
 def trial_records(study: optuna.Study) -> list[TrialRecord]:
@@ -419,7 +613,7 @@ def trial_records(study: optuna.Study) -> list[TrialRecord]:
             t.number,
             dict(t.params),
             t.user_attrs[METRICS_ATTR],
-            t.user_attrs.get(RUN_ID_ATTR),
+            None,  # runs are matched to trials by their trial tag (see search.replicate)
             t.user_attrs.get(FEASIBLE_ATTR, True),
         )
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -434,9 +628,12 @@ def _finish(study, exp, tracker: Tracker, parent_id, teacher, status, log, metri
     finished = sum(counted(t) for t in trials)
     failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED) for t in trials)
     records = front_records(trial_records(study), exp.search.constraints, log)
+    faults.point("before_finish")
+    study.set_user_attr(STATUS_ATTR, status)
     fronts, artifacts = publish_fronts(records, exp, teacher, tracker, parent_id, out_dir, log, metric)
     tracker.log(parent_id, metrics={FINISHED_METRIC: finished, FAILED_METRIC: failed})
     tracker.end_run(parent_id, status)
+    close_tracker(tracker, exp, log)
     log(f"\n{finished} finished trial(s) ({failed} failed). Fronts: {out_dir}")
     return SearchResult(
         study_name=study.study_name,

@@ -80,6 +80,7 @@ from autocompress.search.setup import (
     SearchInterrupted,
     SearchResult,
     SearchSetup,
+    close_tracker,
     log_session,
     new_search_name,
     open_tracker,
@@ -489,7 +490,7 @@ def _search(exp: Experiment, setup: SearchSetup, log: Callable[[str], None]) -> 
     storage = exp.out_dir / "ray"
     if (storage / name).exists():
         raise AutocompressError(f"Ray experiment {name!r} already exists in {storage}: set another search.study_name")
-    tracker = open_tracker(exp)
+    tracker = open_tracker(exp, log)
     parent_id = start_parent_run(exp, setup, tracker, name)
     tracker.log(parent_id, tags={BACKEND_TAG: "ray"})
     log_session(exp, setup, tracker, parent_id)
@@ -578,6 +579,7 @@ def _finish(
         metrics={FINISHED_METRIC: finished, FAILED_METRIC: counts[FAIL], STOPPED_METRIC: counts[PRUNED]},
     )
     tracker.end_run(parent_id, status)
+    close_tracker(tracker, exp, log)
     if exp.search.timeout is not None and finished < exp.search.n_trials and status == "FINISHED":
         log(f"timeout of {exp.search.timeout:g}s reached after {finished} finished trials")
     log(f"\n{finished} finished trial(s) ({counts[FAIL]} failed, {counts[PRUNED]} stopped early). Fronts: {out_dir}")

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from autocompress import faults
 from autocompress.hw_profiles.progress import duration
 from autocompress.search.constraints import any_constraint, is_feasible, violations
 from autocompress.search.objectives import HOST
@@ -93,11 +95,14 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 # Trial attributes
 RUN_ID_ATTR = "mlflow_run_id"
 METRICS_ATTR = "metrics"  # COMPLETE: Metrics.as_dict()
+PARTIAL_ATTR = "partial_metrics"  # PRUNED: the costs and last metric measured before the stop
+CANDIDATE_ATTR = "candidate"  # the candidate's parameters as its MLflow run stores them
 CURVE_ATTR = "val_curve"  # validation metric per epoch
 FEASIBLE_ATTR = "feasible"
 STOP_REASON_ATTR = STOP_REASON_TAG
 FAIL_REASON_ATTR = FAIL_REASON_TAG
 INTERRUPTED = "interrupted"  # a FAIL that is the search's interruption, not the candidate's fault
+DUPLICATE_OF = "duplicate_of"  # a queued plan two processes both queued: dropped, the earlier trial runs it
 
 
 def meets_budgets(metrics: dict[str, float], constraints: ConstraintsConfig, profile: str) -> bool:
@@ -201,10 +206,65 @@ class Progress:
 
 
 # --- trial runs ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunEnd:
+    """What a trial's MLflow run holds once the trial is over: its last metrics and tags, and the run status."""
+
+    metrics: dict[str, float]
+    tags: dict[str, Any]
+    status: str  # FINISHED, FAILED or KILLED
+
+
+def complete_end(
+    metrics: dict[str, float], feasible: bool, duration: float | None, teacher: dict[str, float], metric: QualityMetric
+) -> RunEnd:
+    """A trial that measured its objectives: figures, speedups, COMPLETE and ``feasible``."""
+    figures = {**metrics, **metric.readable(metrics), **speedups(metrics, teacher)}
+    if duration is not None:
+        figures[DURATION] = duration
+    return RunEnd(figures, {STATE_TAG: COMPLETE, FEASIBLE_TAG: feasible}, "FINISHED")
+
+
+def stopped_end(partial: dict[str, float], reason: str, duration: float | None, metric: QualityMetric) -> RunEnd:
+    """A trial stopped before its final measurement, keeping its cost and last metric (a stop is a
+    decision of the search, not an error: FINISHED)."""
+    figures = {**partial, **metric.readable(partial)}
+    if duration is not None:
+        figures[DURATION] = duration
+    return RunEnd(figures, {STATE_TAG: PRUNED, STOP_REASON_TAG: reason[:MAX_REASON_CHARS]}, "FINISHED")
+
+
+def failed_end(reason: str, duration: float | None) -> RunEnd:
+    """A trial whose objective raised, with its reason."""
+    figures = {} if duration is None else {DURATION: duration}
+    return RunEnd(figures, {STATE_TAG: FAIL, FAIL_REASON_TAG: reason[:MAX_REASON_CHARS]}, "FAILED")
+
+
+def interrupted_end(reason: str) -> RunEnd:
+    """A trial the search itself cut short (Ctrl-C, a dead worker): FAIL / KILLED with the reason."""
+    return RunEnd({}, {STATE_TAG: FAIL, FAIL_REASON_TAG: reason[:MAX_REASON_CHARS]}, "KILLED")
+
+
 def record_interrupted(tracker: Tracker, run_id: str, reason: str) -> None:
-    """Close the run of a trial the search itself cut short (Ctrl-C, a dead worker) as FAIL / KILLED."""
-    tracker.log(run_id, tags={STATE_TAG: FAIL, FAIL_REASON_TAG: reason[:MAX_REASON_CHARS]})
-    tracker.end_run(run_id, "KILLED")
+    """Close the run of a trial the search itself cut short (see :func:`interrupted_end`)."""
+    write_end(tracker, run_id, interrupted_end(reason))
+
+
+def write_end(tracker: Tracker, run_id: str, end: RunEnd) -> None:
+    """Log ``end``'s metrics and tags on ``run_id`` and close it with its status."""
+    tracker.log(run_id, metrics=end.metrics, tags=end.tags)
+    tracker.end_run(run_id, end.status)
+
+
+def trial_run_tags(number: int, tags: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The tags a trial's run starts with (its number, RUNNING)."""
+    return {TRIAL_TAG: number, STATE_TAG: RUNNING, **(tags or {})}
+
+
+def epoch_metrics(value: float, metric: QualityMetric) -> dict[str, float]:
+    """One fine-tune epoch's validation figure (also as ``val_<metric name>``)."""
+    figures = {VAL_METRIC: value}
+    return {**figures, **metric.readable(figures, "val_")}
 
 
 class TrialRecorder:
@@ -230,16 +290,13 @@ class TrialRecorder:
 
     def start(self, number: int, candidate: Candidate, tags: dict[str, Any] | None = None) -> str:
         """Create trial ``number``'s run (RUNNING, params = the candidate); returns its id."""
-        run_id = self.tracker.start_run(
-            f"trial-{number}", self.parent_id, tags={TRIAL_TAG: number, STATE_TAG: RUNNING, **(tags or {})}
-        )
+        run_id = self.tracker.start_run(f"trial-{number}", self.parent_id, tags=trial_run_tags(number, tags))
         self.tracker.log(run_id, params=candidate.to_params())
         return run_id
 
     def epoch(self, run_id: str, epoch: int, value: float) -> None:
         """Log one fine-tune epoch's validation metric (also as ``val_<metric name>``)."""
-        figures = {VAL_METRIC: value}
-        self.tracker.log(run_id, metrics={**figures, **self.metric.readable(figures, "val_")}, step=epoch)
+        self.tracker.log(run_id, metrics=epoch_metrics(value, self.metric), step=epoch)
 
     def complete(
         self,
@@ -252,12 +309,7 @@ class TrialRecorder:
         done: int | None = None,
     ) -> None:
         """Record a trial that measured its objectives: figures, speedups, COMPLETE and ``feasible``."""
-        self.tracker.log(
-            run_id,
-            metrics={**metrics, **self.metric.readable(metrics), **speedups(metrics, self.teacher), DURATION: duration},
-            tags={STATE_TAG: COMPLETE, FEASIBLE_TAG: feasible},
-        )
-        self.tracker.end_run(run_id, "FINISHED")
+        self._write(run_id, complete_end(metrics, feasible, duration, self.teacher, self.metric))
         self._line(number, metrics, front_size, feasible=feasible if self.budgets else None, done=done)
 
     def stopped(
@@ -271,10 +323,7 @@ class TrialRecorder:
         done: int | None = None,
     ) -> None:
         """Record a trial stopped before its final measurement, keeping its cost and last metric."""
-        metrics = {**partial, **self.metric.readable(partial)}
-        metrics = metrics if duration is None else {**metrics, DURATION: duration}
-        self.tracker.log(run_id, metrics=metrics, tags={STATE_TAG: PRUNED, STOP_REASON_TAG: reason[:MAX_REASON_CHARS]})
-        self.tracker.end_run(run_id, "FINISHED")  # a stop is a decision of the search, not an error
+        self._write(run_id, stopped_end(partial, reason, duration, self.metric))
         self._line(number, partial or None, front_size, reason, stopped=True, done=done)
 
     def failed(
@@ -287,14 +336,18 @@ class TrialRecorder:
         done: int | None = None,
     ) -> None:
         """Record a trial whose objective raised (or whose worker died) with its reason."""
-        metrics = {} if duration is None else {DURATION: duration}
-        self.tracker.log(run_id, metrics=metrics, tags={STATE_TAG: FAIL, FAIL_REASON_TAG: reason[:MAX_REASON_CHARS]})
-        self.tracker.end_run(run_id, "FAILED")
+        self._write(run_id, failed_end(reason, duration))
         self._line(number, None, front_size, reason, done=done)
 
     def interrupted(self, run_id: str, reason: str) -> None:
         """Close the run of a trial the search itself cut short (see :func:`record_interrupted`)."""
         record_interrupted(self.tracker, run_id, reason)
+
+    def _write(self, run_id: str, end: RunEnd) -> None:
+        self.tracker.log(run_id, metrics=end.metrics, tags=end.tags)
+        faults.point("after_tell")  # the trial is told; its run not closed yet
+        self.tracker.end_run(run_id, end.status)
+        faults.point("after_end_run")
 
     def _line(self, number: int, metrics: dict[str, float] | None, front_size: int, reason: str = "", **kw) -> None:
         if self.progress is not None:

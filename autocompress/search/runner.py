@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from autocompress.config import Experiment
+from autocompress.config import Experiment, check_locations
 from autocompress.search.optuna_backend import run_optuna_search, trial_records
 from autocompress.search.setup import SearchInterrupted, SearchResult, latest_study
 
@@ -22,15 +22,17 @@ def run_search(
     *,
     resume: bool | str = False,
     retrain: bool = False,
+    accept_teacher: bool = False,
     log: Callable[[str], None] = print,
 ) -> SearchResult:
     """Run (or resume) the search of ``exp`` until ``n_trials`` trials are finished or time runs out.
 
     Raises :class:`SearchInterrupted` on Ctrl-C, after the finished trials' fronts are published.
     """
+    check_locations(exp)  # before anything creates the output directory or a store
     if exp.search.backend == "ray":
         # Imported here: Ray is slow to import and an Optuna search never needs it.
         from autocompress.search.ray_backend import run_ray_search
 
         return run_ray_search(exp, resume=resume, retrain=retrain, log=log)
-    return run_optuna_search(exp, resume=resume, retrain=retrain, log=log)
+    return run_optuna_search(exp, resume=resume, retrain=retrain, accept_teacher=accept_teacher, log=log)

@@ -412,7 +412,7 @@ def select(
     )
     try:
         task = load_task(exp.task.name, exp.task.args)
-        teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, log=log)
+        teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, task_ref=exp.task.name, log=log)
         ctx = make_context(exp, teacher.model, task)
         log(f"rebuilding trial {row.trial} from the teacher ({exp.finetune.epochs} fine-tune epoch(s))")
         compressed = build_candidate(Candidate.from_params(row.candidate), ctx)

@@ -32,6 +32,7 @@ from autocompress.search.record import (
     EXPERIMENT_ATTR,
     STUDY_TAG,
     TEACHER_PREFIX,
+    TRIAL_TAG,
     front_size_metric,
     front_tag,
     hypervolume_metric,
@@ -46,7 +47,7 @@ from autocompress.search.report import (
     plot_front,
     write_csv,
 )
-from autocompress.search.tracking import Tracker, flatten
+from autocompress.search.tracking import QueuedTracker, Tracker, flatten
 from autocompress.spaces import SearchSpace, build_space
 from autocompress.tasks import Task, load_task
 from autocompress.teacher import Teacher, get_teacher
@@ -90,6 +91,9 @@ class SearchSetup:
         return QualityMetric.of(self.task)
 
 
+FRONT_TAG_WAIT_S = 60.0  # how long publishing the fronts waits for queued MLflow records before leaving the tags
+
+
 def new_search_name(exp: Experiment) -> str:
     """``search.study_name``, else the experiment's name and the start time (sortable)."""
     return exp.search.study_name or f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -107,9 +111,11 @@ def latest_study(storage: optuna.storages.BaseStorage, experiment: str) -> str |
     return max(names) if names else None  # names end in a sortable timestamp
 
 
-def open_tracker(exp: Experiment) -> Tracker:
-    """The MLflow store and experiment the search of ``exp`` records to."""
-    return Tracker(exp.tracking_uri, exp.tracking.experiment or exp.name, exp.artifact_root)
+def open_tracker(exp: Experiment, log: Callable[[str], None] = print) -> QueuedTracker:
+    """The MLflow store and experiment the search of ``exp`` records to, written through a queue
+    (:class:`~autocompress.search.tracking.QueuedTracker`: an outage never stalls a trial). A server
+    that does not answer now is refused in one line, before anything is trained."""
+    return QueuedTracker(exp.tracking_uri, exp.tracking.experiment or exp.name, exp.artifact_root, log=log)
 
 
 def prepare_search(
@@ -129,7 +135,7 @@ def prepare_search(
     log(f"task {task.name}: {len(task.train)} train / {len(task.val)} val / {len(task.test)} test samples")
     if teacher_metrics is None:  # a worker of a parallel search: the starting process has dry-run it
         preflight(exp, task=task, log=lambda line: None)
-    teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, retrain=retrain, log=log)
+    teacher = get_teacher(task, exp.task.args, exp.teacher, exp.seed, task_ref=exp.task.name, retrain=retrain, log=log)
     space = build_space(teacher.model, task.example_input(1), exp.space)
     log(f"space: {space.describe()}")
     ctx = make_context(exp, teacher.model, task)
@@ -161,7 +167,7 @@ def prepare_search(
 def start_parent_run(exp: Experiment, setup: SearchSetup, tracker: Tracker, name: str) -> str:
     """Create the search's MLflow parent run with the config, space, host description, and the task's
     metric name and direction (``metric.name``, ``metric.direction``: fronts are read back without the task)."""
-    parent_id = tracker.start_run(name, tags={STUDY_TAG: name})
+    parent_id = tracker.create_run(name, tags={STUDY_TAG: name})  # its id is stored on the study at once
     config = exp.model_dump(mode="json")
     tracker.log(parent_id, params={**flatten(config), **setup.metric.attrs()})
     (exp.out_dir / "experiment.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -244,6 +250,9 @@ def publish_fronts(
     out_dir.mkdir(parents=True, exist_ok=True)
     fronts = compute_fronts(records, teacher, exp.objectives, metric)
     artifacts: list[Path] = []
+    tagging = tracker.flush(FRONT_TAG_WAIT_S)  # the tags need the trial runs in the store
+    if not tagging:
+        log("tracking: MLflow is behind; the front.<profile> tags are set by `autocompress sync`")
     for profile, front in fronts.items():
         csv_path, png_path = out_dir / f"front_{profile}.csv", out_dir / f"front_{profile}.png"
         write_csv(front, csv_path, metric)
@@ -252,10 +261,12 @@ def publish_fronts(
         for path in (csv_path, png_path):
             tracker.log_artifact(parent_id, path, "fronts")
         # Every trial run gets the tag (stopped, failed and infeasible ones too), so the MLflow UI
-        # can filter on front.<profile> = 'True' or 'False' alike.
-        members = {r.run_id for r in records if r.number in {row.trial for row in front}}
-        for run in tracker.child_runs(parent_id):
-            tracker.log(run.info.run_id, tags={front_tag(profile): run.info.run_id in members})
+        # can filter on front.<profile> = 'True' or 'False' alike. Runs are matched by trial number:
+        # a run rebuilt from the study has another id than the one first written.
+        members = {str(row.trial) for row in front}
+        for run in tracker.child_runs(parent_id) if tagging else []:
+            if TRIAL_TAG in run.data.tags:
+                tracker.log(run.info.run_id, tags={front_tag(profile): run.data.tags[TRIAL_TAG] in members})
         volume = front_hypervolume(front, teacher, exp.objectives, profile, metric)
         tracker.log(parent_id, metrics={front_size_metric(profile): len(front), hypervolume_metric(profile): volume})
         log(
@@ -264,3 +275,18 @@ def publish_fronts(
         )
         log(format_table(front, teacher, profile, zipped="compressed_size" in exp.objectives, metric=metric))
     return fronts, artifacts
+
+
+TRACKING_WAIT_S = 60.0
+"""How long the end of a search waits for queued MLflow records before leaving them to ``sync``."""
+
+
+def close_tracker(tracker: Tracker, exp: Experiment, log: Callable[[str], None]) -> int:
+    """Send what is queued (waiting at most :data:`TRACKING_WAIT_S`) and say what was left; returns that count."""
+    unsent = tracker.close(TRACKING_WAIT_S)
+    if unsent:
+        log(
+            f"tracking: {unsent} record(s) not sent to MLflow at {exp.tracking_uri} (it does not answer); the "
+            "search's own store holds them: `autocompress sync` with this experiment sends them when it is back"
+        )
+    return unsent

@@ -66,15 +66,18 @@ class Task:
         """Whether metric value ``a`` is strictly better than ``b``."""
         return a > b if self.higher_is_better else a < b
 
-    def loader(self, split: str, batch_size: int, shuffle: bool = False) -> DataLoader:
+    def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int | None = None) -> DataLoader:
         """A DataLoader over ``split`` ('train', 'val' or 'test').
 
-        Shuffling draws from torch's global generator, so ``torch.manual_seed`` fixes the order.
+        With ``seed``, shuffling draws from a generator of its own seeded with it, so the order of every
+        epoch is fixed whatever else uses torch's random numbers (dropout, other loaders); without it,
+        shuffling draws from torch's global generator (``torch.manual_seed`` fixes the order).
         """
         datasets = {"train": self.train, "val": self.val, "test": self.test}
         if split not in datasets:
             raise ValueError(f"unknown split {split!r}: use one of {sorted(datasets)}")
-        return DataLoader(datasets[split], batch_size=batch_size, shuffle=shuffle)
+        generator = torch.Generator().manual_seed(seed) if shuffle and seed is not None else None
+        return DataLoader(datasets[split], batch_size=batch_size, shuffle=shuffle, generator=generator)
 
     def example_input(self, batch_size: int = 1) -> pytree.Inputs:
         """Real inputs for tracing, export and latency measurement: the first ``batch_size`` validation

@@ -36,9 +36,11 @@ class ParameterError(AutocompressError, ValueError):
 
 
 class Section(BaseModel):
-    """Base of every config section: a misspelt key is an error, not a silently ignored setting."""
+    """Base of every config section: a misspelt key is an error, not a silently ignored setting, and
+    a NaN or infinite number (YAML ``.nan``, ``.inf``, the string ``"nan"``) is refused in every float
+    field, lists of floats included: it would compare false with everything and end up in the study."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Stage(enum.IntEnum):
