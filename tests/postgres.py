@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 SUPERUSER = "postgres"  # the cluster's superuser (initdb -U), whatever OS user runs the server
+DEBIAN_BINDIRS = "/usr/lib/postgresql/*/bin"  # Debian's packages put the server binaries here, not on PATH
 INSTALL_HINT = "install PostgreSQL (Debian: apt-get install postgresql) and psycopg2 (pip install psycopg2-binary)"
 
 
@@ -49,7 +50,7 @@ def find_binaries() -> tuple[str, str] | None:
         name = Path(path).parent.name
         return tuple(int(p) for p in name.split(".") if p.isdigit())
 
-    for bindir in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True):
+    for bindir in sorted(glob.glob(DEBIAN_BINDIRS), key=version, reverse=True):
         initdb, pg_ctl = os.path.join(bindir, "initdb"), os.path.join(bindir, "pg_ctl")
         if os.access(initdb, os.X_OK) and os.access(pg_ctl, os.X_OK):
             return initdb, pg_ctl
