@@ -1,9 +1,10 @@
 """Several processes on one study: `--resume` from two shells at once, and `--workers`, on SQLite and
 on a real PostgreSQL server (started here on 127.0.0.1 and stopped by PID, see tests/postgres.py).
 
-Every search ends with exactly ``n_trials`` counted trials, none left running or queued, no
-candidate run twice, trials from each process, and every trial's MLflow run finished under the
-study's one parent run.
+Every search ends with exactly ``n_trials`` trials run and counted, none left running, no
+candidate or uniform plan run twice (a plan both processes queued runs once; its copy is dropped
+unrun or left queued, never lost), trials from each process, and every trial's MLflow run finished
+under the study's one parent run.
 """
 
 from __future__ import annotations
