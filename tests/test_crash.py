@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -30,7 +31,7 @@ from autocompress.search.optuna_backend import (
     process_seed,
     recover_interrupted,
 )
-from autocompress.search.record import DUPLICATE_OF, INTERRUPTED
+from autocompress.search.record import DUPLICATE_OF, INTERRUPTED, SURPLUS
 from autocompress.search.store import load_experiment_search, sqlite_path
 from autocompress.search.tracking import QueuedTracker, Tracker
 from tests.conftest import ROOT, runs_by_trial, tiny_experiment_dict
@@ -99,19 +100,36 @@ def test_processes_joining_at_the_same_moment_get_different_sampler_seeds(tmp_pa
     assert process_seed(2**32 - 1, study, "host:1") < 2**32
 
 
+def _loop(study: optuna.Study, n_trials: int) -> _OptunaLoop:
+    loop = _OptunaLoop.__new__(_OptunaLoop)  # only what the drop rule reads: the study and n_trials
+    loop.study, loop.exp = study, SimpleNamespace(search=SimpleNamespace(n_trials=n_trials))
+    return loop
+
+
 def test_a_plan_two_processes_both_queued_runs_once(tmp_path):
     study = _study(tmp_path)
     study.enqueue_trial({"x": 1})
     study.enqueue_trial({"x": 1}, skip_if_exists=False)  # the second process's copy (a race)
-    loop = _OptunaLoop.__new__(_OptunaLoop)
-    loop.study = study
+    loop = _loop(study, 10)
     first = study.ask()
     first.suggest_categorical("x", [1, 2])
-    assert loop._duplicate_of(first) is None
+    assert loop._dropped(first) is None
     second = study.ask()
-    assert loop._duplicate_of(second) == first.number
+    assert loop._dropped(second) == (DUPLICATE_OF, first.number)
     sampled = study.ask()  # proposed by the sampler, not queued: never called a duplicate
-    assert loop._duplicate_of(sampled) is None
+    assert loop._dropped(sampled) is None
+
+
+def test_processes_asking_at_once_past_n_trials_leave_the_lowest_numbers_running(tmp_path):
+    study = _study(tmp_path)
+    study.enqueue_trial({"x": 2})
+    loop = _loop(study, 2)
+    done = study.ask()
+    study.tell(done, 1.0)
+    first, second = study.ask(), study.ask()  # two processes asked for the last trial at once
+    assert loop._dropped(first) is None  # the lower number runs
+    assert loop._dropped(second) == (SURPLUS, True)  # the other steps back
+    assert counted(study.get_trials()[0])
 
 
 # --- the queued tracker --------------------------------------------------------------------------

@@ -73,6 +73,7 @@ def test_a_server_stopped_after_trial_2_and_restarted_after_trial_4_loses_nothin
             assert "front.host" in run.data.tags, number
         parent = MlflowClient(tracking_uri=url).get_run(study.user_attrs["mlflow_parent_run_id"])
         assert parent.info.status == "FINISHED" and parent.data.metrics["trials.finished"] == N_TRIALS
+        print("\n" + "\n".join(line for line in lines if line.startswith(("[", "tracking:"))))
     finally:
         if search is not None and search.poll() is None:
             search.kill()

@@ -48,6 +48,7 @@ from autocompress.search.record import (
     PARENT_RUN_ATTR,
     PARTIAL_ATTR,
     STOP_REASON_ATTR,
+    SURPLUS,
     USER_INTERRUPT,
     WORKER_DIED,
     Progress,
@@ -117,11 +118,12 @@ def _pid_alive(pid: int) -> bool:
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether a trial counts toward ``n_trials``: complete, stopped early, or failed for a reason of its own
-    (not interrupted, not a duplicate plan dropped unrun)."""
+    (not interrupted, not a duplicate plan or a surplus trial dropped unrun)."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
     attrs = trial.user_attrs
-    return trial.state == TrialState.FAIL and not attrs.get(INTERRUPTED) and DUPLICATE_OF not in attrs
+    dropped = attrs.get(INTERRUPTED) or DUPLICATE_OF in attrs or attrs.get(SURPLUS)
+    return trial.state == TrialState.FAIL and not dropped
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -152,6 +154,8 @@ def open_storage(exp: Experiment) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(exp.storage_url)
     except Exception as err:  # noqa: BLE001 - bad URL, missing driver, unreachable server
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, ModuleNotFoundError) and "psycopg" in reason:
+            reason += "; pip install 'autocompress[postgres]'"
         raise AutocompressError(f"search.storage {exp.storage_url!r}: cannot open ({reason})") from None
 
 
@@ -482,17 +486,27 @@ class _OptunaLoop:
         fronts = search_fronts(trial_records(self.study), self.exp, self.setup.teacher_metrics, self.setup.metric)
         return len(fronts[self.exp.primary])
 
-    def _duplicate_of(self, trial: optuna.Trial) -> int | None:
-        """The earlier trial that already has this queued trial's plan (two processes queued it), if any."""
+    def _dropped(self, trial: optuna.Trial) -> tuple[str, Any] | None:
+        """Why a trial just asked must not run, as ``(attribute, value)``, or None.
+
+        ``surplus``: processes that checked "finished + running < n_trials" at the same moment asked
+        one trial too many; the lowest-numbered trials run, later ones step back. ``duplicate_of``:
+        the trial's queued plan is one an earlier trial already has (two processes queued it); a
+        plan the sampler proposes again is the sampler's own choice and runs.
+        """
+        others = [t for t in self.study.get_trials(deepcopy=False) if t.number != trial.number]
+        ahead = sum(counted(t) or (t.state == TrialState.RUNNING and t.number < trial.number) for t in others)
+        if ahead >= self.exp.search.n_trials:
+            return SURPLUS, True
         fixed = self.study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
-        if not fixed:
-            return None  # proposed by the sampler: a repeat is the sampler's own choice
-        for other in self.study.get_trials(deepcopy=False):
-            if other.number >= trial.number or other.user_attrs.get(INTERRUPTED) or DUPLICATE_OF in other.user_attrs:
+        for other in others if fixed else []:
+            if other.number > trial.number or other.user_attrs.get(INTERRUPTED) or DUPLICATE_OF in other.user_attrs:
                 continue
-            params = {**other.params, **other.system_attrs.get("fixed_params", {})}
+            if other.user_attrs.get(SURPLUS):
+                continue
+            params = planned_params(other)
             if all(params.get(k) == v for k, v in fixed.items()):
-                return other.number
+                return DUPLICATE_OF, other.number
         return None
 
     def run_one(self) -> None:
@@ -501,10 +515,13 @@ class _OptunaLoop:
         faults.point("after_ask")
         trial.set_user_attr(WORKER_ATTR, self.worker)
         faults.point("after_worker_attr")
-        duplicate = self._duplicate_of(trial)
-        if duplicate is not None:
-            trial.set_user_attr(DUPLICATE_OF, duplicate)
+        dropped = self._dropped(trial)
+        if dropped is not None:
+            trial.set_user_attr(*dropped)
             study.tell(trial, state=TrialState.FAIL)
+            fixed = study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
+            if dropped[0] == SURPLUS and fixed:
+                study.enqueue_trial(fixed)  # its plan stays queued for a later resume, never lost
             return
         candidate = self.setup.space.suggest(trial)
         run_id = recorder.start(trial.number, candidate)

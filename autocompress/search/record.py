@@ -103,6 +103,7 @@ STOP_REASON_ATTR = STOP_REASON_TAG
 FAIL_REASON_ATTR = FAIL_REASON_TAG
 INTERRUPTED = "interrupted"  # a FAIL that is the search's interruption, not the candidate's fault
 DUPLICATE_OF = "duplicate_of"  # a queued plan two processes both queued: dropped, the earlier trial runs it
+SURPLUS = "surplus"  # started past n_trials by processes asking at once: dropped unrun (its plan queued again)
 
 
 def meets_budgets(metrics: dict[str, float], constraints: ConstraintsConfig, profile: str) -> bool:

@@ -29,6 +29,7 @@ from autocompress.search.record import (
     STATE_TAG,
     STOP_REASON_ATTR,
     STUDY_TAG,
+    SURPLUS,
     TEACHER_PREFIX,
     TRIAL_TAG,
     WORKER_DIED,
@@ -68,7 +69,7 @@ def expected_end(trial: FrozenTrial, teacher: dict[str, float], metric: QualityM
     if trial.state == TrialState.PRUNED:
         return stopped_end(attrs.get(PARTIAL_ATTR, {}), attrs.get(STOP_REASON_ATTR, ""), _duration(trial), metric)
     if trial.state == TrialState.FAIL:
-        if DUPLICATE_OF in attrs:
+        if DUPLICATE_OF in attrs or attrs.get(SURPLUS):
             return None
         if attrs.get(INTERRUPTED):
             return interrupted_end(attrs.get(FAIL_REASON_ATTR, WORKER_DIED))

@@ -42,7 +42,7 @@ writer decides the server is away)."""
 # timeout); a search's writer has its own queue and retry, so each request gives up quickly.
 _SEARCH_HTTP_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
 }
 # MLflow answers these for a request that can never succeed: retrying it would block the queue.
