@@ -24,7 +24,14 @@ from autocompress.hw_profiles import (
 from autocompress.hw_profiles.host import cpu_model, runtime_version
 from autocompress.hw_profiles.predictor import check_host
 from autocompress.hw_profiles.probe import describe_drift, drift, read_probe
-from autocompress.hw_profiles.profile import CalibrationSample, Overhead, ProbeReading, ValidationRow, parse_profile
+from autocompress.hw_profiles.profile import (
+    CalibrationSample,
+    Overhead,
+    ProbeReading,
+    ValidationRow,
+    content_hash,
+    parse_profile,
+)
 from autocompress.hw_profiles.validate import describe_reference_drift, reference_drift, summarize
 
 
@@ -116,11 +123,32 @@ def test_round_trip(profile, tmp_path):
 def test_validation_errors_name_the_problem(mutate, message, tmp_path):
     data = profile_dict([entry(conv(8, 8), 0.1)])
     mutate(data)
+    data["content_sha256"] = content_hash(data)  # signed: the schema, not the hash, must refuse it
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
     with pytest.raises(ProfileError, match=message) as err:
         load_profile(path)
     assert str(path) in str(err.value)
+
+
+def test_a_profile_changed_since_it_was_written_is_refused_until_rehashed(profile, tmp_path, capsys):
+    path = save_profile(profile, tmp_path / "p.json")
+    data = json.loads(path.read_text())
+    assert data["content_sha256"] == content_hash(data)
+    data["lut"][0]["median_ms"] *= 0.5  # a corrupted (or hand-edited) entry that is still a valid profile
+    path.write_text(json.dumps(data, indent=4))
+    with pytest.raises(ProfileError, match="content_sha256 does not match its contents") as err:
+        load_profile(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    data.pop("content_sha256")
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="no content_sha256"):
+        load_profile(path)
+    assert main(["profile", "rehash", str(path)]) == 0  # the user vouches for the change
+    assert load_profile(path).lut[0].median_ms == pytest.approx(profile.lut[0].median_ms * 0.5)
+    reindented = json.loads(path.read_text())
+    path.write_text(json.dumps(reindented, indent=None, sort_keys=True))  # layout is not content: still loads
+    assert load_profile(path).lut[0].median_ms == pytest.approx(profile.lut[0].median_ms * 0.5)
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -116,6 +116,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rehash(args: argparse.Namespace) -> int:
+    from autocompress.hw_profiles.profile import rehash_profile
+
+    for path in args.paths:
+        print(f"{rehash_profile(Path(path))}: valid, content hash written")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from autocompress.hw_profiles.profile import load_profile, shipped_profiles
 
@@ -247,3 +255,12 @@ def add_profile_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("paths", nargs="*", metavar="PROFILE", help="profile files to show (default: the shipped ones)")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser(
+        "rehash",
+        help="re-sign a profile file you changed yourself (write the hash of its contents)",
+        description="Validate each profile file and write it again with content_sha256 of its current contents. "
+        "Searches refuse a profile whose hash is missing or wrong; use this only for changes you made.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PROFILE", help="profile files to re-sign")
+    p.set_defaults(func=cmd_rehash)

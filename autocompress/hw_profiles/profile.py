@@ -10,10 +10,16 @@ summaries, and for ONNX Runtime the unit map that makes its predictions fast (:m
 
 The LUT is a JSON list (not a mapping keyed by a string) so every field of a signature is typed
 and checked; :meth:`Profile.table` indexes it by :meth:`OpSignature.key` once per loaded profile.
+
+Every file carries ``content_sha256``, the hash of the rest of its contents (:func:`content_hash`),
+written by :func:`save_profile` and checked by :func:`load_profile`: a profile changed since it was
+written (corrupted, edited by hand, half-copied) is refused in one line, never used to predict
+latencies. ``autocompress profile rehash`` re-signs a file whose change is the user's own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -32,6 +38,7 @@ FORMAT_VERSION = 1
 DEFAULT_RUNTIME = "torch-eager"  # what ``profile measure`` measures unless told
 DTYPE_BITS = {"fp32": 32, "int8": 8}
 MAX_PROFILE_BYTES = 64 << 20
+HASH_KEY = "content_sha256"
 """Profile files above 64 MiB are refused unread (the shipped ones weigh 0.25 and 1.2 MB)."""
 
 
@@ -305,18 +312,55 @@ def parse_profile(data: object, source: str = "<profile>") -> Profile:
         raise ProfileError(format_validation_error(source, err)) from None
 
 
-def load_profile(path: str | Path) -> Profile:
-    """Read and validate a profile JSON file (a path, or the id of a shipped profile)."""
-    path = resolve_profile_path(path)
+def content_hash(data: dict) -> str:
+    """sha256 of a profile's JSON contents (without :data:`HASH_KEY`), in a canonical form (sorted keys,
+    no spaces), so indentation and key order do not matter but every value does."""
+    body = {k: v for k, v in data.items() if k != HASH_KEY}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _read(path: Path) -> tuple[dict, Profile]:
     text = read_text(path, what="profile file", max_bytes=MAX_PROFILE_BYTES, error=ProfileError)
-    return parse_profile(load_json(text, str(path), error=ProfileError), str(path))
+    data = load_json(text, str(path), error=ProfileError)
+    body = {k: v for k, v in data.items() if k != HASH_KEY} if isinstance(data, dict) else data
+    return data, parse_profile(body, str(path))
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile JSON file (a path, or the id of a shipped profile), and check its
+    content hash; a file whose hash is missing or wrong raises :class:`ProfileError` naming it."""
+    path = resolve_profile_path(path)
+    data, profile = _read(path)
+    recorded = data.get(HASH_KEY)
+    if recorded is None:
+        raise ProfileError(
+            f"{path}: no {HASH_KEY} (written before profiles carried one, or assembled by hand): measure it "
+            f"again, or run `autocompress profile rehash {path}` if you trust its contents"
+        )
+    if recorded != content_hash(data):
+        raise ProfileError(
+            f"{path}: {HASH_KEY} does not match its contents (changed since it was written: corrupted or "
+            f"edited); measure it again, or run `autocompress profile rehash {path}` if the change is yours"
+        )
+    return profile
+
+
+def rehash_profile(path: str | Path) -> Path:
+    """Validate the profile file at ``path`` and write it again with the hash of its current contents."""
+    path = Path(path)
+    _, profile = _read(path)
+    return save_profile(profile, path)
 
 
 def save_profile(profile: Profile, path: str | Path) -> Path:
-    """Write ``profile`` atomically (temp file + rename): a kill mid-write leaves the old file whole."""
+    """Write ``profile`` with its content hash, atomically (temp file + rename): a kill mid-write leaves
+    the old file whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(profile.model_dump(mode="json"), indent=1) + "\n"
+    data = profile.model_dump(mode="json")
+    data[HASH_KEY] = content_hash(data)
+    text = json.dumps(data, indent=1) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
