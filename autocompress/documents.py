@@ -102,6 +102,8 @@ def load_yaml(
         _check_events(text, source, max_depth, max_nodes, error)
         return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as err:
+        if "maximum nesting depth" in _problem(err):  # libyaml's own limit, met while it scans ahead
+            raise error(f"{source}: nested deeper than {max_depth} levels{_where(err)}") from None
         raise error(f"{source}: not valid YAML{_where(err)}: {_problem(err)}") from None
     except RecursionError:  # defensive: the depth check above keeps the composer well inside the stack
         raise error(f"{source}: nested too deeply (more than {max_depth} levels)") from None

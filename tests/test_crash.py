@@ -236,15 +236,19 @@ def _sync(path) -> str:
     return proc.stdout
 
 
-def test_a_deleted_mlflow_store_is_rebuilt_from_the_study_by_sync(small_search):
+def _delete_store(exp) -> None:
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    data, exp, result = small_search
     sqlite_path(exp.tracking_uri).unlink()
     # This process ran the search: its pooled connections still point at the deleted file.
     engine = SqlAlchemyStore._engine_map.pop(exp.tracking_uri, None)
     if engine is not None:
         engine.dispose()
+
+
+def test_a_deleted_mlflow_store_is_rebuilt_from_the_study_by_sync(small_search):
+    data, exp, result = small_search
+    _delete_store(exp)
     path = exp.out_dir.parent / "r.yaml"
     path.write_text(yaml.safe_dump(data))
     out = _sync(path)
@@ -270,6 +274,25 @@ def test_resume_closes_a_run_cut_off_between_tell_and_its_end(small_search):
     assert resumed.finished == 3
     _, runs = _store_agrees_with_study(exp, result.study_name)
     assert runs[1].info.status == "FINISHED" and runs[1].data.tags["state"] == "COMPLETE"
+
+
+@pytest.mark.slow
+def test_resume_rebuilds_a_lost_mlflow_store_from_the_study(tmp_path):
+    # Subprocesses only: this process never opens the store, so it reads the rebuilt file afterwards.
+    data = tiny_experiment_dict(tmp_path / "lost", n_trials=2, early_stop={"enabled": False})
+    path = tmp_path / "lost.yaml"
+    path.write_text(yaml.safe_dump(data))
+    exp = parse_experiment(data)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "autocompress", "search", str(path)]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    sqlite_path(exp.tracking_uri).unlink()
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "rebuilt as run" in resumed.stdout, resumed.stderr[-2000:]
+    summary = optuna.get_all_study_summaries(exp.storage_url, include_best_trial=False)[0]
+    study, runs = _store_agrees_with_study(exp, summary.study_name)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
 
 
 # --- SIGKILL at every point, then --resume --------------------------------------------------------
