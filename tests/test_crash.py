@@ -296,14 +296,14 @@ def test_resume_rebuilds_a_lost_mlflow_store_from_the_study(tmp_path):
 
 
 # --- SIGKILL at every point, then --resume --------------------------------------------------------
-def _kill_run(tmp_path, point: str, n_trials: int = 3):
+def _kill_run(tmp_path, point: str, nth: int, n_trials: int = 3):
     data = tiny_experiment_dict(tmp_path / point, n_trials=n_trials, early_stop={"enabled": False})
     if point == "teacher_epoch":
-        data["teacher"]["epochs"] = 3  # a teacher no other test cached, so it really trains
+        data["teacher"]["epochs"] = 4 + nth  # a teacher no other test cached, so it really trains
     path = tmp_path / f"{point}.yaml"
     path.write_text(yaml.safe_dump(data))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    at = point if point in ("teacher_epoch", "before_finish") else f"{point}@2"  # trial points: the 2nd trial
+    at = f"{point}@{nth}"  # trial points: @1 the first trial (nothing finished yet), @2 the second
     killed = subprocess.run(
         [sys.executable, "-m", "autocompress", "search", str(path)],
         env={**env, faults.ENV: at},
@@ -311,6 +311,8 @@ def _kill_run(tmp_path, point: str, n_trials: int = 3):
         text=True,
         timeout=600,
     )
+    exp = parse_experiment(data)
+    before = _finished_before(exp)
     resumed = subprocess.run(
         [sys.executable, "-m", "autocompress", "search", str(path), "--resume"],
         env=env,
@@ -318,13 +320,28 @@ def _kill_run(tmp_path, point: str, n_trials: int = 3):
         text=True,
         timeout=600,
     )
-    return parse_experiment(data), killed, resumed
+    return exp, killed, resumed, before
+
+
+def _finished_before(exp) -> dict[int, dict]:
+    """The counted trials on disk right after the kill, with their parameters (none if no study yet)."""
+    try:
+        summaries = optuna.get_all_study_summaries(exp.storage_url, include_best_trial=False)
+    except Exception:  # noqa: BLE001 - killed before the study database existed
+        return {}
+    if not summaries:
+        return {}
+    study = optuna.load_study(study_name=summaries[0].study_name, storage=exp.storage_url)
+    return {t.number: t.params for t in study.get_trials() if counted(t)}
+
+
+KILLS = [(point, nth) for point in faults.POINTS for nth in ((1,) if point == "before_finish" else (1, 2))]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", faults.POINTS)
-def test_sigkill_at_each_point_then_resume_loses_nothing(tmp_path, point):
-    exp, killed, resumed = _kill_run(tmp_path, point)
+@pytest.mark.parametrize(("point", "nth"), KILLS, ids=[f"{p}@{n}" for p, n in KILLS])
+def test_sigkill_at_each_point_then_resume_loses_nothing(tmp_path, point, nth):
+    exp, killed, resumed, before = _kill_run(tmp_path, point, nth)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Traceback" not in resumed.stderr
@@ -332,7 +349,9 @@ def test_sigkill_at_each_point_then_resume_loses_nothing(tmp_path, point):
     assert len(summaries) == 1  # resumed the one study (or, killed before it existed, started it)
     study = optuna.load_study(study_name=summaries[0].study_name, storage=exp.storage_url)
     trials = study.get_trials()
-    assert sum(counted(t) for t in trials) == exp.search.n_trials  # no trial lost, none counted twice
+    kept = {t.number: t.params for t in trials if counted(t)}
+    lost = [n for n, params in before.items() if kept.get(n) != params]  # finished before the kill, gone after
+    assert not lost and len(kept) == exp.search.n_trials  # no trial lost, none counted twice
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     interrupted = [t for t in trials if t.user_attrs.get(INTERRUPTED)]
     for t in interrupted:  # each interrupted trial redone exactly once, with the parameters it had or was queued with
@@ -346,8 +365,10 @@ def test_sigkill_at_each_point_then_resume_loses_nothing(tmp_path, point):
     client = MlflowClient(tracking_uri=exp.tracking_uri)
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FINISHED"
     print(
-        f"\nfault {point}: trials lost 0, interrupted {len(interrupted)}, "
-        f"runs RUNNING {sum(r.info.status == 'RUNNING' for r in runs.values())}"
+        f"\nfault {point}@{nth}: finished before the kill {len(before)}, trials lost {len(lost)}, "
+        f"interrupted {len(interrupted)}, counted {len(kept)}/{exp.search.n_trials}, "
+        f"runs RUNNING {sum(r.info.status == 'RUNNING' for r in runs.values())}, "
+        f"tracebacks {('Traceback' in killed.stderr) + ('Traceback' in resumed.stderr)}"
     )
 
 

@@ -9,8 +9,6 @@ selected) where the Optuna study is not at hand.
 from __future__ import annotations
 
 import ast
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from autocompress.errors import AutocompressError
 from autocompress.search.quality import DIRECTION_KEY, METRIC, QualityMetric
 from autocompress.search.record import COMPLETE, PARENT_RUN_ATTR, STATE_TAG, STUDY_TAG, TEACHER_PREFIX, TRIAL_TAG
 from autocompress.search.report import Row, TrialRecord, compute_fronts
-from autocompress.search.tracking import PARENT_TAG
+from autocompress.search.tracking import PARENT_TAG, probe_server
 from autocompress.techniques import ParameterError, parse_params
 
 if TYPE_CHECKING:
@@ -71,15 +69,10 @@ def open_client(uri: str) -> MlflowClient:
         raise AutocompressError(
             f"no MLflow store at {path} (tracking URI {uri!r}): run a search first, or pass --tracking-uri"
         )
-    if uri.startswith(("http://", "https://")):
-        # MLflow's client retries a refused connection for minutes; one quick probe gives one line instead.
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
-        except urllib.error.HTTPError:
-            pass  # it answered: a server that lacks /health is still a server
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise AutocompressError(f"cannot reach the MLflow server at {uri} ({reason})") from None
+    # MLflow's client retries a refused connection for minutes; one quick probe gives one line instead.
+    unreachable = probe_server(uri)
+    if unreachable is not None:
+        raise AutocompressError(f"cannot reach the MLflow server at {uri} ({unreachable})")
     return MlflowClient(tracking_uri=uri)
 
 
