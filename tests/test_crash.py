@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from autocompress import faults
 from autocompress.cli import main
 from autocompress.config import parse_experiment
+from autocompress.errors import AutocompressError
 from autocompress.search import run_search
 from autocompress.search.optuna_backend import (
     PROCESS_PREFIX,
@@ -234,6 +235,21 @@ def _sync(path) -> str:
     )
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr[-2000:]
     return proc.stdout
+
+
+def test_resume_refuses_another_teacher_unless_told(small_search):
+    data, exp, result = small_search
+    study = optuna.load_study(study_name=result.study_name, storage=exp.storage_url)
+    ours = study.user_attrs["teacher_fingerprint"]
+    study.set_user_attr("teacher_fingerprint", "0123456789abcdef")  # as if searched with another teacher
+    try:
+        with pytest.raises(AutocompressError, match="teacher 0123456789abcdef and this teacher is " + ours):
+            run_search(parse_experiment(data), resume=True, log=lambda _: None)
+        logs: list[str] = []
+        resumed = run_search(parse_experiment(data), resume=True, accept_teacher=True, log=logs.append)
+        assert resumed.finished == 3 and any("--accept-teacher" in line for line in logs)
+    finally:
+        study.set_user_attr("teacher_fingerprint", ours)
 
 
 def _delete_store(exp) -> None:
