@@ -9,13 +9,16 @@ walks it (an error message's ``repr``, a JSON hash of task arguments). A recursi
 too: no schema can validate a value that contains itself.
 
 :func:`short_repr` is what error messages use to show a bad value: bounded in length and depth
-whatever the value is.
+whatever the value is. :func:`atomic_write` is how the files autocompress itself keeps (teacher
+caches, profiles) are written: whole or not at all.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import reprlib
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,26 @@ MAX_DEPTH = 50
 """Nesting deeper than this is refused (experiments need about 5 levels, profiles 5)."""
 MAX_NODES = 20_000
 """Expanded YAML nodes (every alias counted at the size of what it stands for) allowed in a document."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it, fsynced, then a rename: readers and
+    a process killed mid-write see the old file whole or the new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp creates the file 0600; these are ordinary data files that others on the machine read.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
 
 _SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 """libyaml's loader when PyYAML has it (much faster); its composer recurses in C, so depth is checked first."""

@@ -52,6 +52,7 @@ from torch.utils.data import Dataset, TensorDataset
 from autocompress import faults
 from autocompress.compress.distill import OptimizerSettings, TrainingDiverged, fit
 from autocompress.config import TeacherConfig
+from autocompress.documents import atomic_write
 from autocompress.errors import AutocompressError
 from autocompress.evaluators.accuracy import evaluate
 from autocompress.tasks import Task
@@ -417,19 +418,6 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _summary(payload: Mapping[str, Any]) -> dict[str, Any]:
     """The key payload for the sidecar, with long args cut (the key itself has them whole)."""
     args = payload["args"]
@@ -444,7 +432,7 @@ def _write_cache(
     torch.save(model.state_dict(), buffer)
     data = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, data)
+    atomic_write(path, data)
     record = {
         "sha256": hashlib.sha256(data).hexdigest(),
         "key": key,
@@ -454,7 +442,7 @@ def _write_cache(
         "fingerprint": state_fingerprint(model),
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    _atomic_write(sidecar_path(path), json.dumps(record, indent=2, sort_keys=True).encode())
+    atomic_write(sidecar_path(path), json.dumps(record, indent=2, sort_keys=True).encode())
 
 
 def _read_sidecar(path: Path, key: str) -> dict[str, Any]:

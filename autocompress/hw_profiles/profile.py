@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from autocompress.documents import format_validation_error, load_json, read_text
+from autocompress.documents import atomic_write, format_validation_error, load_json, read_text
 from autocompress.errors import AutocompressError
 from autocompress.runtimes import runtime_names
 
@@ -360,21 +358,7 @@ def save_profile(profile: Profile, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = profile.model_dump(mode="json")
     data[HASH_KEY] = content_hash(data)
-    text = json.dumps(data, indent=1) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates the file 0600; a profile is ordinary data that others on the machine read.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
     return path
 
 
