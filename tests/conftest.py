@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,18 @@ from torch import nn
 from autocompress.compress.lowrank import _input_shapes_per_call, layer_macs
 
 ROOT = Path(__file__).resolve().parents[1]
+AUTOCOMPRESS = [sys.executable, "-m", "autocompress"]
+"""The command line a test runs the CLI with, in a process of its own."""
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's ``autocompress`` subprocess: this checkout first on the path, plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+
+
+def run_autocompress(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """``autocompress ARGS`` in a subprocess (environment :func:`cli_env` plus ``env``), output captured."""
+    return subprocess.run([*AUTOCOMPRESS, *args], env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session", autouse=True)

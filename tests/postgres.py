@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from autocompress.search.optuna_backend import pid_alive
+
 SUPERUSER = "postgres"  # the cluster's superuser (initdb -U), whatever OS user runs the server
 DEBIAN_BINDIRS = "/usr/lib/postgresql/*/bin"  # Debian's packages put the server binaries here, not on PATH
 INSTALL_HINT = "install PostgreSQL (Debian: apt-get install postgresql) and psycopg2 (pip install psycopg2-binary)"
@@ -140,25 +142,15 @@ class Server:
             _run(self.user, [self.pg_ctl, "stop", "-D", str(self.data), "-m", "fast", "-w", "-t", "30"], self.root)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
             pass
-        if self.pid > 0 and _alive(self.pid):  # never 0: os.kill(0, ...) signals our own process group
+        if self.pid > 0 and pid_alive(self.pid):  # never 0: os.kill(0, ...) signals our own process group
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             deadline = time.monotonic() + 10
-            while self.pid > 0 and _alive(self.pid) and time.monotonic() < deadline:
+            while self.pid > 0 and pid_alive(self.pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _run(user: str | None, cmd: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -35,7 +35,7 @@ from autocompress.search.optuna_backend import (
 from autocompress.search.record import DUPLICATE_OF, INTERRUPTED, SURPLUS
 from autocompress.search.store import load_experiment_search, sqlite_path
 from autocompress.search.tracking import QueuedTracker, Tracker
-from tests.conftest import ROOT, runs_by_trial, tiny_experiment_dict
+from tests.conftest import AUTOCOMPRESS, cli_env, run_autocompress, runs_by_trial, tiny_experiment_dict
 
 DEAD_PID = 2**22 + 12345  # above Linux's default pid_max: never a live process
 
@@ -114,11 +114,11 @@ def test_a_plan_two_processes_both_queued_runs_once(tmp_path):
     loop = _loop(study, 10)
     first = study.ask()
     first.suggest_categorical("x", [1, 2])
-    assert loop._dropped(first) is None
+    assert loop._dropped(first, loop._queued_plan(first)) is None
     second = study.ask()
-    assert loop._dropped(second) == (DUPLICATE_OF, first.number)
+    assert loop._dropped(second, loop._queued_plan(second)) == (DUPLICATE_OF, first.number)
     sampled = study.ask()  # proposed by the sampler, not queued: never called a duplicate
-    assert loop._dropped(sampled) is None
+    assert loop._dropped(sampled, loop._queued_plan(sampled)) is None
 
 
 def test_processes_asking_at_once_past_n_trials_leave_the_lowest_numbers_running(tmp_path):
@@ -128,8 +128,8 @@ def test_processes_asking_at_once_past_n_trials_leave_the_lowest_numbers_running
     done = study.ask()
     study.tell(done, 1.0)
     first, second = study.ask(), study.ask()  # two processes asked for the last trial at once
-    assert loop._dropped(first) is None  # the lower number runs
-    assert loop._dropped(second) == (SURPLUS, True)  # the other steps back
+    assert loop._dropped(first, loop._queued_plan(first)) is None  # the lower number runs
+    assert loop._dropped(second, loop._queued_plan(second)) == (SURPLUS, True)  # the other steps back
     assert counted(study.get_trials()[0])
 
 
@@ -226,13 +226,7 @@ def _store_agrees_with_study(exp, study_name):
 
 def _sync(path) -> str:
     # A new process, as a user runs it: this one's MLflow client still holds the deleted file open.
-    proc = subprocess.run(
-        [sys.executable, "-m", "autocompress", "sync", str(path)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_autocompress("sync", str(path), timeout=300)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr[-2000:]
     return proc.stdout
 
@@ -299,12 +293,10 @@ def test_resume_rebuilds_a_lost_mlflow_store_from_the_study(tmp_path):
     path = tmp_path / "lost.yaml"
     path.write_text(yaml.safe_dump(data))
     exp = parse_experiment(data)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "autocompress", "search", str(path)]
-    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    first = run_autocompress("search", str(path), timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     sqlite_path(exp.tracking_uri).unlink()
-    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    resumed = run_autocompress("search", str(path), "--resume", timeout=300)
     assert resumed.returncode == 0 and "rebuilt as run" in resumed.stdout, resumed.stderr[-2000:]
     summary = optuna.get_all_study_summaries(exp.storage_url, include_best_trial=False)[0]
     study, runs = _store_agrees_with_study(exp, summary.study_name)
@@ -318,24 +310,11 @@ def _kill_run(tmp_path, point: str, nth: int, n_trials: int = 3):
         data["teacher"]["epochs"] = 4 + nth  # a teacher no other test cached, so it really trains
     path = tmp_path / f"{point}.yaml"
     path.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     at = f"{point}@{nth}"  # trial points: @1 the first trial (nothing finished yet), @2 the second
-    killed = subprocess.run(
-        [sys.executable, "-m", "autocompress", "search", str(path)],
-        env={**env, faults.ENV: at},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    killed = run_autocompress("search", str(path), **{faults.ENV: at})
     exp = parse_experiment(data)
     before = _finished_before(exp)
-    resumed = subprocess.run(
-        [sys.executable, "-m", "autocompress", "search", str(path), "--resume"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = run_autocompress("search", str(path), "--resume")
     return exp, killed, resumed, before
 
 
@@ -395,10 +374,9 @@ def test_sigterm_stops_a_search_cleanly_and_resume_finishes_it(tmp_path):
     path = tmp_path / "term.yaml"
     path.write_text(yaml.safe_dump(data))
     exp = parse_experiment(data)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "autocompress", "search", str(path)],
-        env=env,
+        [*AUTOCOMPRESS, "search", str(path)],
+        env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -411,9 +389,7 @@ def test_sigterm_stops_a_search_cleanly_and_resume_finishes_it(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "--resume" in err and "Traceback" not in err
-    resumed = subprocess.run(
-        [sys.executable, "-m", "autocompress", "search", str(path), "--resume"], env=env, capture_output=True, text=True
-    )
+    resumed = run_autocompress("search", str(path), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = optuna.get_all_study_summaries(exp.storage_url, include_best_trial=False)[0]
     _store_agrees_with_study(exp, summary.study_name)

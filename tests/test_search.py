@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import optuna
@@ -23,7 +21,7 @@ from autocompress.search import run_search
 from autocompress.search.optuna_backend import counted
 from autocompress.search.record import INTERRUPTED
 from autocompress.spaces import Candidate
-from tests.conftest import ROOT, runs_by_trial, tiny_experiment_dict
+from tests.conftest import AUTOCOMPRESS, cli_env, run_autocompress, runs_by_trial, tiny_experiment_dict
 
 
 def _dominates(a, b):
@@ -191,10 +189,9 @@ def test_sigkill_mid_trial_then_resume_ends_with_exactly_n_trials(tmp_path):
     path = tmp_path / "kill.yaml"
     path.write_text(yaml.safe_dump(data))
     exp = parse_experiment(data)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "autocompress", "search", str(path)],
-        env=env,
+        [*AUTOCOMPRESS, "search", str(path)],
+        env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -246,13 +243,7 @@ def test_parallel_workers_share_the_study_without_lost_or_extra_trials(tmp_path)
     path = tmp_path / "par.yaml"
     path.write_text(yaml.safe_dump(data))
     exp = parse_experiment(data)
-    proc = subprocess.run(
-        [sys.executable, "-m", "autocompress", "search", str(path)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_autocompress("search", str(path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 workers on study" in proc.stdout and "[worker 1] [" in proc.stdout
     summary = optuna.get_all_study_summaries(exp.storage_url, include_best_trial=False)[0]

@@ -4,9 +4,7 @@ restarted after trial 4). The server is started here on 127.0.0.1 and stopped by
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import optuna
 import pytest
@@ -16,7 +14,7 @@ from optuna.trial import TrialState
 
 from autocompress.config import parse_experiment
 from autocompress.search.optuna_backend import counted
-from tests.conftest import ROOT, runs_by_trial, tiny_experiment_dict
+from tests.conftest import AUTOCOMPRESS, cli_env, runs_by_trial, tiny_experiment_dict
 from tests.test_mlflow_server import _free_port, _stop_group, start_server
 
 N_TRIALS = 7
@@ -39,8 +37,8 @@ def test_a_server_stopped_after_trial_2_and_restarted_after_trial_4_loses_nothin
     lines: list[str] = []
     try:
         search = subprocess.Popen(
-            [sys.executable, "-m", "autocompress", "search", str(path)],
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            [*AUTOCOMPRESS, "search", str(path)],
+            env=cli_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

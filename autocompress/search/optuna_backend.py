@@ -74,7 +74,7 @@ from autocompress.search.setup import (
     publish_fronts,
     start_parent_run,
 )
-from autocompress.search.tracking import Tracker
+from autocompress.search.tracking import Tracker, first_line
 from autocompress.spaces import SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -106,7 +106,8 @@ def register_process(study: optuna.Study) -> None:
     study.set_user_attr(f"{PROCESS_PREFIX}{_worker_id()}", time.time())
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user's counts: it is not ours to judge)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -116,14 +117,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def set_aside(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether the search itself set the trial aside: interrupted (redone by a retry), or a duplicate
+    plan or a surplus trial dropped unrun. Such a trial is no candidate's result."""
+    attrs = trial.user_attrs
+    return bool(attrs.get(INTERRUPTED) or DUPLICATE_OF in attrs or attrs.get(SURPLUS))
+
+
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether a trial counts toward ``n_trials``: complete, stopped early, or failed for a reason of its own
-    (not interrupted, not a duplicate plan or a surplus trial dropped unrun)."""
+    (not :func:`set_aside`)."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    attrs = trial.user_attrs
-    dropped = attrs.get(INTERRUPTED) or DUPLICATE_OF in attrs or attrs.get(SURPLUS)
-    return trial.state == TrialState.FAIL and not dropped
+    return trial.state == TrialState.FAIL and not set_aside(trial)
+
+
+def _trial_counts(trials: list[optuna.trial.FrozenTrial]) -> tuple[int, int]:
+    """``(finished, failed)``: the trials that count toward ``n_trials``, and those of them that failed."""
+    finished = sum(counted(t) for t in trials)
+    return finished, sum(t.state == TrialState.FAIL and counted(t) for t in trials)
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -153,10 +165,22 @@ def open_storage(exp: Experiment) -> optuna.storages.RDBStorage:
     try:
         return optuna.storages.RDBStorage(exp.storage_url)
     except Exception as err:  # noqa: BLE001 - bad URL, missing driver, unreachable server
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         if isinstance(err, ModuleNotFoundError) and "psycopg" in reason:
             reason += "; pip install 'autocompress[postgres]'"
         raise AutocompressError(f"search.storage {exp.storage_url!r}: cannot open ({reason})") from None
+
+
+def find_study(
+    storage: optuna.storages.BaseStorage, exp: Experiment, name: str | None = None
+) -> tuple[str | None, optuna.Study | None]:
+    """``(name, study)``: the study named ``name``, else ``search.study_name``, else the experiment's latest;
+    the study is None when there is no such study."""
+    name = name or exp.search.study_name or latest_study(storage, exp.name)
+    try:
+        return name, optuna.load_study(study_name=name, storage=storage) if name is not None else None
+    except KeyError:
+        return name, None
 
 
 def open_study(
@@ -176,11 +200,7 @@ def open_study(
     storage = storage or open_storage(exp)
     fp = fingerprint(exp, space)
     if resume:
-        name = resume if isinstance(resume, str) else (exp.search.study_name or latest_study(storage, exp.name))
-        try:
-            study = optuna.load_study(study_name=name, storage=storage) if name is not None else None
-        except KeyError:
-            study = None
+        name, study = find_study(storage, exp, resume if isinstance(resume, str) else None)
         if study is None and isinstance(resume, str):
             raise AutocompressError(f"--resume: no study named {name!r} in {exp.storage_url}")
         if study is not None:
@@ -212,6 +232,17 @@ def open_study(
     return study, False
 
 
+def planned_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The parameters a trial runs with: those it sampled, and those it was queued with (a trial killed
+    right after ``ask`` has sampled none yet, but a queued plan already says what it is)."""
+    return {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+
+
+def has_plan(params: dict[str, Any], plan: dict[str, Any]) -> bool:
+    """Whether ``params`` hold every value of ``plan`` (a queued point fixes only some parameters)."""
+    return all(params.get(k) == v for k, v in plan.items())
+
+
 def enqueue_uniform_points(study: optuna.Study, space: SearchSpace, n_trials: int) -> int:
     """Queue the space's uniform plans (:meth:`SearchSpace.uniform_points`) as the next trials.
 
@@ -220,13 +251,13 @@ def enqueue_uniform_points(study: optuna.Study, space: SearchSpace, n_trials: in
     queued.
     """
     trials = study.get_trials(deepcopy=False)
-    seen = [{**t.params, **t.system_attrs.get("fixed_params", {})} for t in trials]
+    seen = [planned_params(t) for t in trials]
     room = max(0, n_trials - len(trials))
     queued = 0
     for point in space.uniform_points():
         if queued >= room:
             break
-        if any(all(params.get(k) == v for k, v in point.items()) for params in seen):
+        if any(has_plan(params, point) for params in seen):
             continue
         study.enqueue_trial(point)
         queued += 1
@@ -245,24 +276,17 @@ def abandoned(trial: optuna.trial.FrozenTrial, study: optuna.Study, now: float |
     worker = trial.user_attrs.get(WORKER_ATTR, "")
     if worker:
         worker_host, _, pid = worker.rpartition(":")
-        return worker_host == host and pid.isdigit() and not _pid_alive(int(pid))
+        return worker_host == host and pid.isdigit() and not pid_alive(int(pid))
     others = [key[len(PROCESS_PREFIX) :] for key in study.user_attrs if key.startswith(PROCESS_PREFIX)]
-    others = [w for w in others if w != me]
-    maybe_writing = False
-    for other in others:
+
+    def may_write(other: str) -> bool:
         other_host, _, pid = other.rpartition(":")
-        if other_host != host or (pid.isdigit() and _pid_alive(int(pid))):
-            maybe_writing = True
-    if not maybe_writing:
+        return other_host != host or (pid.isdigit() and pid_alive(int(pid)))
+
+    if not any(may_write(other) for other in others if other != me):
         return True
     started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
     return (now or time.time()) - started > ORPHAN_GRACE_S
-
-
-def planned_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    """The parameters a trial runs with: those it sampled, and those it was queued with (a trial killed
-    right after ``ask`` has sampled none yet, but a queued plan already says what it is)."""
-    return {**trial.system_attrs.get("fixed_params", {}), **trial.params}
 
 
 def recover_interrupted(study: optuna.Study, log: Callable[[str], None]) -> int:
@@ -486,26 +510,25 @@ class _OptunaLoop:
         fronts = search_fronts(trial_records(self.study), self.exp, self.setup.teacher_metrics, self.setup.metric)
         return len(fronts[self.exp.primary])
 
-    def _dropped(self, trial: optuna.Trial) -> tuple[str, Any] | None:
+    def _queued_plan(self, trial: optuna.Trial) -> dict[str, Any] | None:
+        """The parameters ``trial`` was queued with (``enqueue_trial``), or None when the sampler proposes it."""
+        return self.study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
+
+    def _dropped(self, trial: optuna.Trial, plan: dict[str, Any] | None) -> tuple[str, Any] | None:
         """Why a trial just asked must not run, as ``(attribute, value)``, or None.
 
         ``surplus``: processes that checked "finished + running < n_trials" at the same moment asked
         one trial too many; the lowest-numbered trials run, later ones step back. ``duplicate_of``:
         the trial's queued plan is one an earlier trial already has (two processes queued it); a
-        plan the sampler proposes again is the sampler's own choice and runs.
+        plan the sampler proposes again is the sampler's own choice and runs. ``plan``: the trial's
+        queued parameters (None when the sampler proposes it).
         """
         others = [t for t in self.study.get_trials(deepcopy=False) if t.number != trial.number]
         ahead = sum(counted(t) or (t.state == TrialState.RUNNING and t.number < trial.number) for t in others)
         if ahead >= self.exp.search.n_trials:
             return SURPLUS, True
-        fixed = self.study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
-        for other in others if fixed else []:
-            if other.number > trial.number or other.user_attrs.get(INTERRUPTED) or DUPLICATE_OF in other.user_attrs:
-                continue
-            if other.user_attrs.get(SURPLUS):
-                continue
-            params = planned_params(other)
-            if all(params.get(k) == v for k, v in fixed.items()):
+        for other in others if plan else []:
+            if other.number < trial.number and not set_aside(other) and has_plan(planned_params(other), plan):
                 return DUPLICATE_OF, other.number
         return None
 
@@ -515,13 +538,13 @@ class _OptunaLoop:
         faults.point("after_ask")
         trial.set_user_attr(WORKER_ATTR, self.worker)
         faults.point("after_worker_attr")
-        dropped = self._dropped(trial)
+        plan = self._queued_plan(trial)
+        dropped = self._dropped(trial, plan)
         if dropped is not None:
             trial.set_user_attr(*dropped)
             study.tell(trial, state=TrialState.FAIL)
-            fixed = study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
-            if dropped[0] == SURPLUS and fixed:
-                study.enqueue_trial(fixed)  # its plan stays queued for a later resume, never lost
+            if dropped[0] == SURPLUS and plan:
+                study.enqueue_trial(plan)  # its plan stays queued for a later resume, never lost
             return
         candidate = self.setup.space.suggest(trial)
         run_id = recorder.start(trial.number, candidate)
@@ -590,12 +613,7 @@ def sync_search(exp: Experiment, study_name: str | None = None, log: Callable[[s
     Needs only the study and the MLflow store (no task, no teacher). The parent run is closed with the
     status the search ended with, unless a live process is still running trials of the study.
     """
-    storage = open_storage(exp)
-    name = study_name or exp.search.study_name or latest_study(storage, exp.name)
-    try:
-        study = optuna.load_study(study_name=name, storage=storage) if name is not None else None
-    except KeyError:
-        study = None
+    name, study = find_study(open_storage(exp), exp, study_name)
     if study is None:
         raise AutocompressError(
             f"sync: no study {'named ' + repr(name) if name else 'of experiment ' + repr(exp.name)} "
@@ -617,8 +635,7 @@ def sync_search(exp: Experiment, study_name: str | None = None, log: Callable[[s
     live = [t for t in trials if t.state == TrialState.RUNNING and not abandoned(t, study)]
     records = front_records(trial_records(study), exp.search.constraints, log=None)
     publish_fronts(records, exp, teacher, tracker, parent_id, exp.out_dir / study.study_name, lambda _: None, metric)
-    finished = sum(counted(t) for t in trials)
-    failed = sum(t.state == TrialState.FAIL and counted(t) for t in trials)
+    finished, failed = _trial_counts(trials)
     tracker.log(parent_id, metrics={FINISHED_METRIC: finished, FAILED_METRIC: failed})
     if not live:
         tracker.end_run(parent_id, study.user_attrs.get(STATUS_ATTR, "KILLED"))
@@ -649,8 +666,7 @@ def _finish(study, exp, tracker: Tracker, parent_id, teacher, status, log, metri
     """Publish the fronts (also after a timeout or an interrupt: nothing is lost) and close the run."""
     out_dir = exp.out_dir / study.study_name
     trials = study.get_trials(deepcopy=False)
-    finished = sum(counted(t) for t in trials)
-    failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED) for t in trials)
+    finished, failed = _trial_counts(trials)  # a trial set aside (interrupted, dropped unrun) is no failure
     records = front_records(trial_records(study), exp.search.constraints, log)
     faults.point("before_finish")
     study.set_user_attr(STATUS_ATTR, status)

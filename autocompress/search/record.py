@@ -93,10 +93,8 @@ def speedups(metrics: dict[str, float], teacher: dict[str, float]) -> dict[str, 
 EXPERIMENT_ATTR = "experiment"  # the experiment's name, to find its latest study
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 # Trial attributes
-RUN_ID_ATTR = "mlflow_run_id"
 METRICS_ATTR = "metrics"  # COMPLETE: Metrics.as_dict()
 PARTIAL_ATTR = "partial_metrics"  # PRUNED: the costs and last metric measured before the stop
-CANDIDATE_ATTR = "candidate"  # the candidate's parameters as its MLflow run stores them
 CURVE_ATTR = "val_curve"  # validation metric per epoch
 FEASIBLE_ATTR = "feasible"
 STOP_REASON_ATTR = STOP_REASON_TAG
@@ -254,7 +252,9 @@ def record_interrupted(tracker: Tracker, run_id: str, reason: str) -> None:
 def write_end(tracker: Tracker, run_id: str, end: RunEnd) -> None:
     """Log ``end``'s metrics and tags on ``run_id`` and close it with its status."""
     tracker.log(run_id, metrics=end.metrics, tags=end.tags)
+    faults.point("after_tell")  # the trial is told; its run not closed yet
     tracker.end_run(run_id, end.status)
+    faults.point("after_end_run")
 
 
 def trial_run_tags(number: int, tags: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -310,7 +310,7 @@ class TrialRecorder:
         done: int | None = None,
     ) -> None:
         """Record a trial that measured its objectives: figures, speedups, COMPLETE and ``feasible``."""
-        self._write(run_id, complete_end(metrics, feasible, duration, self.teacher, self.metric))
+        write_end(self.tracker, run_id, complete_end(metrics, feasible, duration, self.teacher, self.metric))
         self._line(number, metrics, front_size, feasible=feasible if self.budgets else None, done=done)
 
     def stopped(
@@ -324,7 +324,7 @@ class TrialRecorder:
         done: int | None = None,
     ) -> None:
         """Record a trial stopped before its final measurement, keeping its cost and last metric."""
-        self._write(run_id, stopped_end(partial, reason, duration, self.metric))
+        write_end(self.tracker, run_id, stopped_end(partial, reason, duration, self.metric))
         self._line(number, partial or None, front_size, reason, stopped=True, done=done)
 
     def failed(
@@ -337,18 +337,12 @@ class TrialRecorder:
         done: int | None = None,
     ) -> None:
         """Record a trial whose objective raised (or whose worker died) with its reason."""
-        self._write(run_id, failed_end(reason, duration))
+        write_end(self.tracker, run_id, failed_end(reason, duration))
         self._line(number, None, front_size, reason, done=done)
 
     def interrupted(self, run_id: str, reason: str) -> None:
         """Close the run of a trial the search itself cut short (see :func:`record_interrupted`)."""
         record_interrupted(self.tracker, run_id, reason)
-
-    def _write(self, run_id: str, end: RunEnd) -> None:
-        self.tracker.log(run_id, metrics=end.metrics, tags=end.tags)
-        faults.point("after_tell")  # the trial is told; its run not closed yet
-        self.tracker.end_run(run_id, end.status)
-        faults.point("after_end_run")
 
     def _line(self, number: int, metrics: dict[str, float] | None, front_size: int, reason: str = "", **kw) -> None:
         if self.progress is not None:

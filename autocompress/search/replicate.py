@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from autocompress.search.quality import QualityMetric
@@ -28,9 +27,7 @@ from autocompress.search.record import (
     PARTIAL_ATTR,
     STATE_TAG,
     STOP_REASON_ATTR,
-    STUDY_TAG,
     SURPLUS,
-    TEACHER_PREFIX,
     TRIAL_TAG,
     WORKER_DIED,
     RunEnd,
@@ -42,7 +39,8 @@ from autocompress.search.record import (
     trial_run_tags,
     write_end,
 )
-from autocompress.search.tracking import Tracker, flatten
+from autocompress.search.setup import create_parent_run, teacher_run_metrics
+from autocompress.search.tracking import Tracker
 from autocompress.spaces import Candidate
 
 if TYPE_CHECKING:
@@ -128,17 +126,8 @@ def parent_run(
     parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
     if parent_id is not None and tracker.run_exists(parent_id):
         return parent_id
-    teacher = study.user_attrs.get(TEACHER_ATTR, {})
-    new_id = tracker.create_run(study.study_name, tags={STUDY_TAG: study.study_name})
-    config = exp.model_dump(mode="json")
-    tracker.log(
-        new_id,
-        params={**flatten(config), **metric.attrs()},
-        metrics={f"{TEACHER_PREFIX}{k}": v for k, v in {**teacher, **metric.readable(teacher)}.items()},
-    )
-    path = exp.out_dir / "experiment.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    tracker.log_artifact(new_id, path)
+    new_id = create_parent_run(exp, tracker, study.study_name, metric)
+    tracker.log(new_id, metrics=teacher_run_metrics(study.user_attrs.get(TEACHER_ATTR, {}), metric))
     study.set_user_attr(PARENT_RUN_ATTR, new_id)
     if parent_id is not None:
         log(

@@ -164,18 +164,30 @@ def prepare_search(
     return SearchSetup(task, teacher, space, ctx, teacher_metrics)
 
 
-def start_parent_run(exp: Experiment, setup: SearchSetup, tracker: Tracker, name: str) -> str:
-    """Create the search's MLflow parent run with the config, space, host description, and the task's
-    metric name and direction (``metric.name``, ``metric.direction``: fronts are read back without the task)."""
-    parent_id = tracker.create_run(name, tags={STUDY_TAG: name})  # its id is stored on the study at once
+def create_parent_run(exp: Experiment, tracker: Tracker, name: str, metric: QualityMetric) -> str:
+    """Create a search's MLflow parent run (now, whatever the tracker queues: its id is stored on the
+    study at once) with the config as params and artifact, and the task's metric name and direction
+    (``metric.name``, ``metric.direction``: fronts are read back without the task)."""
+    parent_id = tracker.create_run(name, tags={STUDY_TAG: name})
     config = exp.model_dump(mode="json")
-    tracker.log(parent_id, params={**flatten(config), **setup.metric.attrs()})
+    tracker.log(parent_id, params={**flatten(config), **metric.attrs()})
     (exp.out_dir / "experiment.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (exp.out_dir / "space.json").write_text(json.dumps(setup.space.summary(), indent=2))
     tracker.log_artifact(parent_id, exp.out_dir / "experiment.yaml")
+    return parent_id
+
+
+def start_parent_run(exp: Experiment, setup: SearchSetup, tracker: Tracker, name: str) -> str:
+    """Create the search's MLflow parent run (:func:`create_parent_run`) with the space and the profiles."""
+    parent_id = create_parent_run(exp, tracker, name, setup.metric)
+    (exp.out_dir / "space.json").write_text(json.dumps(setup.space.summary(), indent=2))
     tracker.log_artifact(parent_id, exp.out_dir / "space.json")
     log_profiles(exp, setup.ctx, tracker, parent_id)
     return parent_id
+
+
+def teacher_run_metrics(teacher: dict[str, float], metric: QualityMetric) -> dict[str, float]:
+    """The teacher's figures as the parent run's ``teacher.*`` metrics (the metric also under its own name)."""
+    return {f"{TEACHER_PREFIX}{k}": v for k, v in {**teacher, **metric.readable(teacher)}.items()}
 
 
 def log_profiles(exp: Experiment, ctx: TrialContext, tracker: Tracker, parent_id: str) -> None:
@@ -220,10 +232,9 @@ def runtime_description(runtime: str) -> str:
 def log_session(exp: Experiment, setup: SearchSetup, tracker: Tracker, parent_id: str) -> None:
     """Record this session's teacher figures and host on the parent run (each session, as they may differ)."""
     host = {**describe_host(exp.latency.threads), "runtime": runtime_description(exp.latency.runtime)}
-    teacher = {**setup.teacher_metrics, **setup.metric.readable(setup.teacher_metrics)}
     tracker.log(
         parent_id,
-        metrics={f"{TEACHER_PREFIX}{k}": v for k, v in teacher.items()},
+        metrics=teacher_run_metrics(setup.teacher_metrics, setup.metric),
         tags={
             "teacher.source": setup.teacher.source,
             "teacher.path": str(setup.teacher.path),

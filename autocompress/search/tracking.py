@@ -81,7 +81,8 @@ def probe_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     return None
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (MLflow's and SQLAlchemy's run to many), at most 300 characters."""
     text = str(getattr(err, "message", None) or err).strip()
     return text.splitlines()[0][:300] if text else type(err).__name__
 
@@ -110,7 +111,7 @@ class Tracker:
             else:
                 self.experiment_id = experiment.experiment_id
         except Exception as err:  # noqa: BLE001 - any store failure is reported in one line
-            reason = _first_line(err)
+            reason = first_line(err)
             raise AutocompressError(f"tracking: cannot use MLflow store {tracking_uri!r} ({reason})") from None
         if experiment is not None and experiment.lifecycle_stage == "deleted":
             raise AutocompressError(
@@ -310,11 +311,11 @@ class QueuedTracker(Tracker):
                 self._apply(op, args)
             except MlflowException as err:
                 if err.error_code in _PERMANENT_ERRORS:
-                    self._log(f"tracking: MLflow refused a {op} ({_first_line(err)}); skipped")
+                    self._log(f"tracking: MLflow refused a {op} ({first_line(err)}); skipped")
                     return
-                reason = _first_line(err)
+                reason = first_line(err)
             except Exception as err:  # noqa: BLE001 - a store that is away fails in many ways
-                reason = _first_line(err)
+                reason = first_line(err)
             else:
                 if self.behind_since is not None:
                     self.sent_while_behind += 1
@@ -333,12 +334,10 @@ class QueuedTracker(Tracker):
                     "its records wait here and are sent when the server is back (the study keeps them all)"
                 )
             with self._cond:
+                if not self._closed:
+                    self._cond.wait(self._retry_every)
                 if self._closed:
                     self._queue.appendleft((op, args))  # counted as not sent by close()
-                    return
-                self._cond.wait(self._retry_every)
-                if self._closed:
-                    self._queue.appendleft((op, args))
                     return
 
     def _apply(self, op: str, args: tuple) -> None:
